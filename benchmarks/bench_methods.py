@@ -1,0 +1,209 @@
+"""Times every mtl_optax method beside the engine floor and the PyTorch references.
+
+For J of shape (K, P) (float32), for each method and size it measures, in one run
+and on the same machine:
+
+* ``jax``: the method's jitted ``update`` on the stacked gradients ``{"J": J}``;
+* ``floor``: the engine floor on the same J — one Gramian plus one weighted
+  combination (``mtl_optax.gramian`` + ``mtl_optax.combine``), jitted; every
+  Gramian-based method must do at least this much work;
+* the PyTorch references that implement the same method (torchjd,
+  conflictfree, LibMTL where it takes a plain matrix), on the same J.
+
+Times are medians of repeated calls after compilation / warm-up. The table
+prints the ratios ``jax / floor`` (target: <= 1.5 at P >= 1e6) and
+``best torch / jax`` (target: > 1, i.e. faster than the fastest reference).
+
+Usage::
+
+  python benchmarks/bench_methods.py                  # K in {2,10,40}, P in {1e5,1e6,1e7}
+  python benchmarks/bench_methods.py --quick          # K in {2,10}, P in {1e5,1e6}
+  python benchmarks/bench_methods.py --methods mgda,cagrad --no-torch --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mtl_optax
+
+# Hyperparameters for methods whose factory has required arguments.
+HPARAMS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "constant": lambda k: {"weights": np.linspace(0.5, 1.5, k).tolist()},
+}
+
+
+def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
+    """Median wall time (ms) of ``fn`` after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
+    """Callables ``J_torch -> aggregated vector`` of the references for ``name``."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    refs: dict[str, Callable[[Any], Any]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import torchjd.aggregation as A
+
+            tjd = {
+                "mean": A.Mean,
+                "sum": A.Sum,
+                "rlw": A.Random,
+                "mgda": A.MGDA,
+                "cagrad": lambda: A.CAGrad(c=0.5),
+                "pcgrad": A.PCGrad,
+                "gradvac": A.GradVac,
+                "graddrop": A.GradDrop,
+                "imtl_g": A.IMTLG,
+                "conflict_free": A.ConFIG,
+                "config": A.ConFIG,
+                "sdmgrad": lambda: A.GramianWeightedAggregator(A.SDMGradWeighting()),
+            }
+            if name == "constant":
+                refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k))
+            elif name in tjd:
+                refs["torchjd"] = tjd[name]()
+        except ImportError:
+            pass
+        try:
+            import conflictfree.grad_operator as cf
+
+            if name in ("conflict_free", "config"):
+                refs["conflictfree"] = lambda J: cf.ConFIG_update(J)
+            elif name == "pcgrad":
+                refs["conflictfree"] = cf.PCGradOperator().calculate_gradient
+            elif name == "imtl_g":
+                refs["conflictfree"] = cf.IMTLGOperator().calculate_gradient
+        except ImportError:
+            pass
+    return refs
+
+
+def floor_fn(J: jax.Array) -> jax.Array:
+    """Gramian + combination, the work every Gramian-based method does."""
+    tree = {"J": J}
+    g = mtl_optax.gramian(tree)
+    w = jax.nn.softmax(jnp.diagonal(g) / (1.0 + jnp.max(jnp.abs(g))))
+    return mtl_optax.combine(tree, w)["J"]
+
+
+def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list[dict]:
+    rows = []
+    floor = jax.jit(floor_fn)
+    for p in ps:
+        for k in ks:
+            J = jax.random.normal(jax.random.key(0), (k, p), jnp.float32)
+            value = jnp.linspace(0.5, 2.0, k)
+            floor_ms = _time(lambda J=J: floor(J), repeats, budget_s)
+            J_torch = None
+            if use_torch:
+                import torch
+
+                torch.set_num_threads(max(1, torch.get_num_threads()))
+                J_torch = torch.from_numpy(np.asarray(J))
+            for name in methods:
+                kwargs = {"num_tasks": k, **HPARAMS.get(name, lambda k: {})(k)}
+                tx = mtl_optax.get(name, **kwargs)
+                state = tx.init({"J": jnp.zeros((p,), jnp.float32)})
+                step = jax.jit(lambda J, s, tx=tx, value=value: tx.update({"J": J}, s, value=value))
+                jax_ms = _time(
+                    lambda step=step, J=J, state=state: step(J, state), repeats, budget_s
+                )
+                row = {"method": name, "K": k, "P": p, "jax_ms": jax_ms, "floor_ms": floor_ms}
+                if J_torch is not None:
+                    for ref, fn in torch_references(name, k).items():
+                        try:
+                            with warnings.catch_warnings():
+                                warnings.simplefilter("ignore")
+                                row[f"{ref}_ms"] = _time(
+                                    lambda fn=fn, J_torch=J_torch: fn(J_torch),
+                                    max(3, repeats // 2),
+                                    budget_s,
+                                )
+                        except Exception as err:  # a reference failing is reported, not fatal
+                            row[f"{ref}_error"] = f"{type(err).__name__}: {err}"[:120]
+                rows.append(row)
+                print(_format_row(row), flush=True)
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    refs = {
+        k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in ("jax_ms", "floor_ms")
+    }
+    best = min(refs.items(), key=lambda kv: kv[1]) if refs else None
+    ratio_floor = row["jax_ms"] / row["floor_ms"]
+    speedup = f"{best[1] / row['jax_ms']:7.2f}x vs {best[0]}" if best else "      -"
+    ref_text = ", ".join(f"{n} {v:.2f}" for n, v in sorted(refs.items()))
+    return (
+        f"| {row['method']:<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
+        f" {row['floor_ms']:8.2f} | {ratio_floor:6.2f} | {speedup} | {ref_text} |"
+    )
+
+
+HEADER = (
+    "| method         |   K |         P |   jax ms | floor ms | /floor | best torch / jax | torch ms |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--K", default="2,10,40", help="comma list of task counts")
+    parser.add_argument("--P", default="1e5,1e6,1e7", help="comma list of parameter counts")
+    parser.add_argument(
+        "--methods", default="", help="comma list (default: every registered method)"
+    )
+    parser.add_argument("--quick", action="store_true", help="K in {2,10}, P in {1e5,1e6}")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch references")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement at most")
+    parser.add_argument("--json", default="", help="write the rows to this JSON file")
+    args = parser.parse_args()
+    if args.quick:
+        args.K, args.P = "2,10", "1e5,1e6"
+    ks = [int(x) for x in args.K.split(",")]
+    ps = [int(float(x)) for x in args.P.split(",")]
+    methods = [m for m in args.methods.split(",") if m] or mtl_optax.available()
+    if "config" in methods and "conflict_free" in methods:
+        methods.remove("config")  # an alias
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}),"
+        f" {platform.processor() or platform.machine()}, float32, median of repeated calls"
+    )
+    print(HEADER)
+    rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""mtl_optax: multi-task and multi-objective gradient methods for JAX and Optax.
+
+Conventions
+-----------
+* **Task gradients.** A pytree whose every leaf has the same leading axis ``K``
+  (``K`` tasks), as returned by ``jax.jacrev(f)(params)`` for ``f`` returning
+  the ``K`` losses, or by :func:`mtl_optax.task_grads`.
+* **Methods.** Every method is a factory ``mtl_optax.<name>(**hyperparameters)``
+  returning an ``optax.GradientTransformationExtraArgs``. ``init(params)`` takes
+  the parameters without the task axis; ``update(task_grads, state,
+  params=None, *, value=None, **extra)`` returns one update with the
+  parameters' structure and dtypes. ``value`` is the vector of the ``K`` task
+  losses; a method that needs it and does not get it raises a ``ValueError``.
+* **Chaining.** ``optax.chain(mtl_optax.mean(), optax.adam(1e-3))`` is an
+  ordinary optax optimizer over task gradients and works in a jitted step.
+* **Randomness.** Random methods take a ``key`` (int seed or PRNG key) at
+  construction and split it inside their state.
+* **Registry.** ``mtl_optax.get(name, **hparams)`` builds a method by its
+  lowercase name; ``mtl_optax.available()`` lists them.
+* **Logging.** The state of a weighting method has a field ``weights``: the
+  ``[K]`` weights it used in its last step.
+* **Validation.** Shapes, dtypes and tree structures are checked at trace time;
+  errors name the leaf path, the shape found and the shape expected.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, mtl_optax
+  >>> def losses(p):
+  ...   return jnp.stack([jnp.sum((p - 1.0) ** 2), jnp.sum((p + 1.0) ** 2)])
+  >>> opt = optax.chain(mtl_optax.mean(), optax.sgd(0.1))
+  >>> p = jnp.array([3.0]); state = opt.init(p)
+  >>> l, g = mtl_optax.task_grads(losses, p)
+  >>> u, state = opt.update(g, state, p, value=l)
+  >>> optax.apply_updates(p, u)
+  Array([2.4], dtype=float32)
+"""
+
+from mtl_optax import engine
+from mtl_optax._basic import (
+    ConstantState,
+    MeanState,
+    RLWState,
+    SumState,
+    constant,
+    mean,
+    rlw,
+    sum,  # noqa: A004
+)
+from mtl_optax.base import (
+    WeightedTransformation,
+    Weighting,
+    WeightingFn,
+    from_weighting,
+)
+from mtl_optax.engine import check_task_grads, combine, gramian
+from mtl_optax.gradients import task_grads
+from mtl_optax.registry import available, get
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConstantState",
+    "MeanState",
+    "RLWState",
+    "SumState",
+    "WeightedTransformation",
+    "Weighting",
+    "WeightingFn",
+    "available",
+    "check_task_grads",
+    "combine",
+    "constant",
+    "engine",
+    "from_weighting",
+    "get",
+    "gramian",
+    "mean",
+    "rlw",
+    "sum",
+    "task_grads",
+]

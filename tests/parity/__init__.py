@@ -1,0 +1,1 @@
+"""Parity tests of mtl_optax against its PyTorch reference implementations."""

@@ -1,0 +1,128 @@
+"""Every registered method on the edge cases of the issue tracker.
+
+Properties checked for every method in ``mtl_optax.available()`` (methods added
+later are picked up automatically):
+
+* the update is finite, with the parameters' structure, shapes and dtypes, on:
+  K = 1; K = 2 with identical, opposite and orthogonal gradients; collinear
+  gradients; one all-zero task; magnitudes 1e-8 against 1e4; float32 and
+  bfloat16 leaves; and a large K = 40, P = 1e5 problem;
+* it jits inside ``optax.chain(method, optax.adam)`` and gives the same result
+  with and without ``jax.jit``.
+
+Method-specific numbers (parity with the references, guarantees) are tested in
+each method's own test module.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_optax
+
+from .methods import hparams
+
+P_SHAPES = {"w": (6, 5), "b": (5,)}  # P = 35
+
+
+def _params(dtype=jnp.float32):
+    return {k: jnp.zeros(s, dtype) for k, s in P_SHAPES.items()}
+
+
+def _from_matrix(jac, dtype=jnp.float32):
+    """Splits a (K, 35) matrix into the two-leaf pytree of P_SHAPES."""
+    jac = jnp.asarray(jac, dtype)
+    k = jac.shape[0]
+    return {"b": jac[:, :5].reshape(k, 5), "w": jac[:, 5:].reshape(k, 6, 5)}
+
+
+def _edge_cases():
+    rng = np.random.default_rng(0)
+    g, h = rng.standard_normal(35), rng.standard_normal(35)
+    h_orth = h - (h @ g) / (g @ g) * g
+    rand = rng.standard_normal((3, 35))
+    zero_one = rand.copy()
+    zero_one[1] = 0.0
+    mag = rng.standard_normal((3, 35))
+    mag[0] *= 1e-8
+    mag[1] *= 1e4
+    return {
+        "K1": rng.standard_normal((1, 35)),
+        "K2_identical": np.stack([g, g]),
+        "K2_opposite": np.stack([g, -g]),
+        "K2_orthogonal": np.stack([g, h_orth]),
+        "collinear": np.stack([g, 2.5 * g, -0.5 * g]),
+        "zero_task": zero_one,
+        "magnitudes_1e-8_1e4": mag,
+        "random_K5": rng.standard_normal((5, 35)),
+    }
+
+
+EDGE = _edge_cases()
+
+
+def _finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("case", EDGE)
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_edge_case_update_is_finite_and_typed(name, case):
+    jac = EDGE[case]
+    k = jac.shape[0]
+    tx = mtl_optax.get(name, **hparams(name, k))
+    grads, params = _from_matrix(jac), _params()
+    value = jnp.linspace(0.5, 2.0, k)
+    state = tx.init(params)
+    for _ in range(2):  # two steps: stateful methods use their state the second time
+        update, state = jax.jit(tx.update)(grads, state, params, value=value)
+        chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
+        assert _finite(update), (name, case, update)
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_bfloat16_leaves(name):
+    jac = EDGE["random_K5"]
+    tx = mtl_optax.get(name, **hparams(name, 5))
+    params = _params(jnp.bfloat16)
+    update, _ = jax.jit(tx.update)(
+        _from_matrix(jac, jnp.bfloat16), tx.init(params), params, value=jnp.ones(5)
+    )
+    chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
+    assert _finite(update)
+    ref, _ = tx.update(_from_matrix(jac), tx.init(_params()), _params(), value=jnp.ones(5))
+    # Same direction as the float32 update, to bfloat16 accuracy.
+    a = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(update)])
+    b = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(ref)])
+    if np.linalg.norm(b) > 0:
+        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        assert cos > 0.9, (name, cos)
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_large_k40_p1e5(name):
+    k, p = 40, 100_000
+    jac = jax.random.normal(jax.random.key(1), (k, p))
+    params = {"x": jnp.zeros((p,))}
+    tx = mtl_optax.get(name, **hparams(name, k))
+    update, _ = jax.jit(tx.update)({"x": jac}, tx.init(params), params, value=jnp.ones(k))
+    assert update["x"].shape == (p,) and _finite(update)
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_jit_and_eager_agree_in_a_chain_with_adam(name):
+    jac = EDGE["random_K5"]
+    opt = optax.chain(mtl_optax.get(name, **hparams(name, 5)), optax.adam(1e-3))
+    params = _params()
+
+    def run(update_fn):
+        state, p = opt.init(params), params
+        for i in range(3):
+            u, state = update_fn(_from_matrix(jac * (1 + i)), state, p, value=jnp.ones(5))
+            p = optax.apply_updates(p, u)
+        return p
+
+    chex.assert_trees_all_close(run(jax.jit(opt.update)), run(opt.update), rtol=1e-5, atol=1e-6)

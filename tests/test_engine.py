@@ -1,0 +1,138 @@
+"""The engine (Gramian, combination) against numpy on mixed pytrees."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import mtl_optax
+from mtl_optax import engine
+
+SHAPES = {"conv": (3, 3, 2, 4), "bias": (4,), "dense": {"w": (5, 7), "b": (7,)}, "scalar": ()}
+
+
+def _tree(k, dtypes, seed=0):
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+    arrays = [
+        rng.standard_normal((k, *shape)).astype(dtype)
+        for shape, dtype in zip(leaves, dtypes, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _as_matrix(tree, k):
+    """The numpy float64 Jacobian (K, P) of a stacked pytree (leaves concatenated)."""
+    return np.concatenate(
+        [np.asarray(x, np.float64).reshape(k, -1) for x in jax.tree_util.tree_leaves(tree)], axis=1
+    )
+
+
+DTYPE_MIXES = {
+    "float32": [np.float32] * 5,
+    "bfloat16+float32": [
+        ml_dtypes.bfloat16,
+        np.float32,
+        ml_dtypes.bfloat16,
+        np.float32,
+        np.float32,
+    ],
+    "float16+bfloat16": [
+        np.float16,
+        ml_dtypes.bfloat16,
+        np.float16,
+        ml_dtypes.bfloat16,
+        np.float16,
+    ],
+}
+
+
+@pytest.mark.parametrize("mix", DTYPE_MIXES)
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_gramian_matches_numpy_on_mixed_pytree(mix, k):
+    tree = _tree(k, DTYPE_MIXES[mix], seed=k)
+    jac = _as_matrix(tree, k)  # exact values of the (possibly low-precision) leaves
+    got = jax.jit(mtl_optax.gramian)(jax.tree.map(jnp.asarray, tree))
+    assert got.dtype == jnp.float32  # accumulation is float32 even for bf16/f16 leaves
+    # float32 accumulation of exact low-precision products: relative error ~1e-6.
+    np.testing.assert_allclose(np.asarray(got), jac @ jac.T, rtol=1e-5, atol=1e-5)
+
+
+def test_gramian_accumulates_low_precision_in_float32():
+    """Summing 4096 bf16 products in bf16 would lose ~3 digits; float32 does not."""
+    x = jnp.full((2, 4096), 1.0 + 2.0**-7, jnp.bfloat16)  # exactly representable
+    exact = 4096 * (1.0 + 2.0**-7) ** 2
+    np.testing.assert_allclose(
+        np.asarray(mtl_optax.gramian({"x": x})), np.full((2, 2), exact), rtol=1e-6
+    )
+
+
+def test_gramian_float64_leaves_stay_float64(x64):
+    tree = _tree(3, [np.float64] * 5, seed=1)
+    got = mtl_optax.gramian(jax.tree.map(jnp.asarray, tree))
+    assert got.dtype == jnp.float64
+    jac = _as_matrix(tree, 3)
+    np.testing.assert_allclose(np.asarray(got), jac @ jac.T, rtol=1e-13)
+
+
+@pytest.mark.parametrize("columns", [engine._CPU_BLOCKED_MIN_COLUMNS + 12_345])
+def test_gramian_blocked_path_matches_numpy(columns):
+    """Long leaves take the blocked scan on CPU, including a ragged last block."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, columns)).astype(np.float32)
+    got = mtl_optax.gramian({"x": jnp.asarray(x)})
+    ref = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-1)
+
+
+def test_gramian_is_symmetric_psd():
+    tree = jax.tree.map(jnp.asarray, _tree(6, [np.float32] * 5, seed=3))
+    g = np.asarray(mtl_optax.gramian(tree), np.float64)
+    np.testing.assert_allclose(g, g.T, rtol=1e-6)
+    assert np.linalg.eigvalsh(g).min() > -1e-3 * np.abs(g).max()
+
+
+@pytest.mark.parametrize("mix", DTYPE_MIXES)
+def test_combine_matches_numpy_and_keeps_leaf_dtypes(mix):
+    k = 4
+    tree = _tree(k, DTYPE_MIXES[mix], seed=7)
+    w = np.array([0.1, -2.0, 0.7, 3.0], np.float32)
+    got = jax.jit(mtl_optax.combine)(jax.tree.map(jnp.asarray, tree), jnp.asarray(w))
+    for leaf, out in zip(
+        jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(got), strict=True
+    ):
+        assert out.dtype == leaf.dtype
+        assert out.shape == leaf.shape[1:]
+        ref = np.tensordot(w.astype(np.float64), np.asarray(leaf, np.float64), axes=1)
+        # The float32 accumulation is exact to ~1e-7; the result is then rounded once
+        # to the leaf's dtype (bf16: 8 bits, f16: 11 bits of mantissa).
+        eps = float(jnp.finfo(leaf.dtype).eps)
+        np.testing.assert_allclose(
+            np.asarray(out, np.float64), ref, rtol=eps, atol=eps * np.abs(ref).max()
+        )
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+        jax.tree.map(lambda x: x[0], tree)
+    )
+
+
+def test_combine_float64(x64):
+    tree = jax.tree.map(jnp.asarray, _tree(3, [np.float64] * 5, seed=2))
+    w = jnp.array([1 / 3, 2 / 3, -1.0])
+    got = mtl_optax.combine(tree, w)
+    ref = np.asarray(w) @ _as_matrix(tree, 3)
+    np.testing.assert_allclose(
+        _as_matrix(jax.tree.map(lambda x: x[None], got), 1)[0], ref, rtol=1e-14
+    )
+
+
+def test_combine_rejects_wrong_weight_shape():
+    with pytest.raises(ValueError, match=r"weights must have shape \(2,\); found \(3,\)"):
+        mtl_optax.combine({"a": jnp.ones((2, 3))}, jnp.ones(3))
+
+
+def test_gramian_and_combine_trace_under_jit_and_vmap():
+    tree = jax.tree.map(jnp.asarray, _tree(3, [np.float32] * 5))
+    batched = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)
+    g = jax.vmap(mtl_optax.gramian)(batched)
+    np.testing.assert_allclose(np.asarray(g[1]), 4 * np.asarray(g[0]), rtol=1e-6)
