@@ -115,17 +115,21 @@ def floor_fn(J: jax.Array) -> jax.Array:
 def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list[dict]:
     rows = []
     floor = jax.jit(floor_fn)
+    noop = jax.jit(lambda J: J[0, 0])
     for p in ps:
         for k in ks:
             J = jax.random.normal(jax.random.key(0), (k, p), jnp.float32)
             value = jnp.linspace(0.5, 2.0, k)
             floor_ms = _time(lambda J=J: floor(J), repeats, budget_s)
+            # The cost of calling a jitted function at all (argument handling,
+            # dispatch), which every jax time below includes.
+            noop_ms = _time(lambda J=J: noop(J), repeats, budget_s)
             J_torch = None
             if use_torch:
                 import torch
 
                 torch.set_num_threads(max(1, torch.get_num_threads()))
-                J_torch = torch.from_numpy(np.asarray(J))
+                J_torch = torch.from_numpy(np.array(J))
             for name in methods:
                 kwargs = {"num_tasks": k, **HPARAMS.get(name, lambda k: {})(k)}
                 tx = mtl_optax.get(name, **kwargs)
@@ -134,7 +138,14 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
                 jax_ms = _time(
                     lambda step=step, J=J, state=state: step(J, state), repeats, budget_s
                 )
-                row = {"method": name, "K": k, "P": p, "jax_ms": jax_ms, "floor_ms": floor_ms}
+                row = {
+                    "method": name,
+                    "K": k,
+                    "P": p,
+                    "jax_ms": jax_ms,
+                    "floor_ms": floor_ms,
+                    "dispatch_ms": noop_ms,
+                }
                 if J_torch is not None:
                     for ref, fn in torch_references(name, k).items():
                         try:
@@ -153,9 +164,8 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
 
 
 def _format_row(row: dict) -> str:
-    refs = {
-        k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in ("jax_ms", "floor_ms")
-    }
+    own = ("jax_ms", "floor_ms", "dispatch_ms")
+    refs = {k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in own}
     best = min(refs.items(), key=lambda kv: kv[1]) if refs else None
     ratio_floor = row["jax_ms"] / row["floor_ms"]
     speedup = f"{best[1] / row['jax_ms']:7.2f}x vs {best[0]}" if best else "      -"
@@ -163,12 +173,13 @@ def _format_row(row: dict) -> str:
     return (
         f"| {row['method']:<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
         f" {row['floor_ms']:8.2f} | {ratio_floor:6.2f} | {speedup} | {ref_text} |"
+        f" {row['dispatch_ms']:.3f} |"
     )
 
 
 HEADER = (
-    "| method         |   K |         P |   jax ms | floor ms | /floor | best torch / jax | torch ms |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| method         |   K |         P |   jax ms | floor ms | /floor | best torch / jax | torch ms |"
+    " jax dispatch ms |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 

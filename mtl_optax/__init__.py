@@ -34,7 +34,7 @@ Example:
   Array([2.4], dtype=float32)
 """
 
-from mtl_optax import engine
+from mtl_optax import engine, solvers
 from mtl_optax._basic import (
     ConstantState,
     MeanState,
@@ -45,7 +45,22 @@ from mtl_optax._basic import (
     rlw,
     sum,  # noqa: A004
 )
+from mtl_optax._cagrad import CAGradState, cagrad
+from mtl_optax._compose import ComposedTransformation, IdentityState, compose, identity
+from mtl_optax._config import (
+    ConflictFreeState,
+    MConflictFreeState,
+    conflict_free,
+    m_conflict_free,
+)
+from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
+from mtl_optax._imtl import IMTLGState, imtl_g
+from mtl_optax._mgda import MGDAState, mgda
+from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
+from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
+from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
 from mtl_optax.base import (
+    PerTaskTransformation,
     WeightedTransformation,
     Weighting,
     WeightingFn,
@@ -55,26 +70,59 @@ from mtl_optax.engine import check_task_grads, combine, gramian
 from mtl_optax.gradients import task_grads
 from mtl_optax.registry import available, get
 
+config = conflict_free  # the registered alias of conflict_free
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAGradState",
+    "ComposedTransformation",
+    "ConflictFreeState",
     "ConstantState",
+    "GradDropState",
+    "GradDropTransformation",
+    "GradNormState",
+    "GradVacState",
+    "IMTLGState",
+    "IdentityState",
+    "MConflictFreeState",
+    "MGDAState",
     "MeanState",
+    "NSGDState",
+    "PCGradState",
+    "PerTaskTransformation",
     "RLWState",
+    "SDMGradState",
     "SumState",
     "WeightedTransformation",
     "Weighting",
     "WeightingFn",
     "available",
+    "cagrad",
     "check_task_grads",
     "combine",
+    "compose",
+    "config",
+    "conflict_free",
     "constant",
+    "cross_gramian",
     "engine",
     "from_weighting",
     "get",
+    "graddrop",
+    "gradnorm",
+    "gradvac",
     "gramian",
+    "identity",
+    "imtl_g",
+    "m_conflict_free",
     "mean",
+    "mgda",
+    "nsgd",
+    "pcgrad",
     "rlw",
+    "sdmgrad",
+    "solvers",
     "sum",
     "task_grads",
 ]

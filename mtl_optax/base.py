@@ -104,8 +104,11 @@ class WeightedTransformation(optax.GradientTransformationExtraArgs):
 
     It is a plain optax transformation (it chains, jits and vmaps like any
     other). Its attribute ``weighting`` gives the rule it applies, and
-    ``per_task`` its :class:`PerTaskTransformation` form, which returns
-    :math:`w_k g_k` for every task instead of their sum.
+    ``per_task`` its :class:`PerTaskTransformation` form, which returns ``K``
+    per-task gradients whose sum over tasks is the update: :math:`w_k g_k`
+    for the transformation built by :func:`from_weighting` (a method may
+    replace it with its own per-task form, e.g. PCGrad's projected
+    gradients).
     """
 
     weighting: Weighting

@@ -95,7 +95,9 @@ def test_bfloat16_leaves(name):
     assert _finite(update)
     ref, _ = tx.update(_from_matrix(jac), tx.init(_params()), _params(), value=jnp.ones(5))
     # Same direction as the float32 update, to bfloat16 accuracy.
-    a = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(update)])
+    a = np.concatenate(
+        [np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(update)]
+    )
     b = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(ref)])
     if np.linalg.norm(b) > 0:
         cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))

@@ -1,0 +1,482 @@
+r"""Solvers in the ``K x K`` world: simplex projection and the min-norm point.
+
+Several methods need the *minimum-norm point of the convex hull* of the task
+gradients :math:`g_1, \dots, g_K`: MGDA's common descent direction (Désidéri,
+2012; Sener & Koltun, 2018). Written with the Gramian :math:`G = J J^\top`
+only, it is the quadratic program
+
+.. math::
+  w^\star \in \operatorname*{arg\,min}_{w \in \Delta^K} w^\top G w, \qquad
+  \Delta^K = \{w \in \mathbb{R}^K : w \ge 0, \textstyle\sum_k w_k = 1\},
+
+whose solution gives the point :math:`d^\star = \sum_k w^\star_k g_k`. The
+point :math:`d^\star` is unique; the weights are unique when the task
+gradients are affinely independent.
+
+Everything here jits and runs without host round trips:
+
+* :func:`projection_simplex`: Euclidean projection onto the simplex (wraps
+  ``optax.projections.projection_simplex``, batched over leading axes).
+* :func:`min_norm_two_point`: the closed-form rule for two vectors.
+* :func:`solve_min_norm` / :func:`min_norm`: Sener & Koltun's Frank-Wolfe
+  solver, with pairwise and affine (Wolfe) steps that make it end on the exact
+  optimum, in a ``lax.while_loop``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+__all__ = [
+    "MinNormResult",
+    "min_norm",
+    "min_norm_two_point",
+    "projection_simplex",
+    "solve_min_norm",
+]
+
+
+def projection_simplex(y: jax.typing.ArrayLike, scale: float = 1.0) -> jax.Array:
+    r"""Euclidean projection onto the simplex, along the last axis.
+
+    .. math::
+      \operatorname{proj}(y) = \operatorname*{arg\,min}_{p \ge 0,\ \sum_k p_k =
+      s} \|p - y\|_2 = \max(y - \tau, 0)
+
+    with the threshold :math:`\tau` such that the result sums to :math:`s`.
+    Every vector along the last axis is projected on its own (leading axes are
+    batch axes). This wraps ``optax.projections.projection_simplex`` (sort-based,
+    :math:`O(K \log K)`), which also gives it a JVP.
+
+    Args:
+      y: array of shape ``[..., K]`` with ``K >= 1``; integer inputs are
+        converted to float32.
+      scale: the sum :math:`s > 0` of each projected vector (1: the probability
+        simplex).
+
+    Returns:
+      The projection, same shape as ``y``.
+
+    Raises:
+      ValueError: ``y`` is a scalar or has an empty last axis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> solvers.projection_simplex(jnp.array([0.5, 1.5, -1.0]))
+      Array([0., 1., 0.], dtype=float32)
+      >>> solvers.projection_simplex(jnp.array([[0.4, 0.4], [3.0, 1.0]]))
+      Array([[0.5, 0.5],
+             [1. , 0. ]], dtype=float32)
+
+    References:
+      Duchi et al., `Efficient Projections onto the l1-Ball for Learning in
+      High Dimensions <https://dl.acm.org/doi/10.1145/1390156.1390191>`_, ICML
+      2008. Sener & Koltun's ``_projection2simplex`` (LibMTL ``MGDA``, vambn
+      ``MinNormSolver``) computes the same projection with a Python loop.
+    """
+    y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.float32)
+    if y.ndim == 0 or y.shape[-1] == 0:
+        raise ValueError(
+            f"projection_simplex: expected an array of shape [..., K] with K >= 1; found"
+            f" shape {y.shape}."
+        )
+    return _projection_simplex(y, jnp.asarray(scale, y.dtype))
+
+
+@jax.jit
+def _projection_simplex(y: jax.Array, scale: jax.Array) -> jax.Array:
+    flat = y.reshape(-1, y.shape[-1])
+    out = jax.vmap(lambda v: optax.projections.projection_simplex(v, scale))(flat)
+    return out.reshape(y.shape).astype(y.dtype)
+
+
+def min_norm_two_point(
+    v11: jax.typing.ArrayLike, v12: jax.typing.ArrayLike, v22: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+    r"""The minimum-norm point on the segment between two vectors, in closed form.
+
+    With :math:`v_{11} = \langle x_1, x_1\rangle`, :math:`v_{12} = \langle x_1,
+    x_2\rangle` and :math:`v_{22} = \langle x_2, x_2\rangle`:
+
+    .. math::
+      \gamma = \operatorname*{arg\,min}_{\gamma \in [0, 1]}
+      \|\gamma x_1 + (1 - \gamma) x_2\|^2 =
+      \begin{cases}
+        1 & v_{12} \ge v_{11} \\
+        0 & v_{12} \ge v_{22} \\
+        \dfrac{v_{22} - v_{12}}{v_{11} + v_{22} - 2 v_{12}} & \text{otherwise}
+      \end{cases}
+
+    and the cost :math:`\|\gamma x_1 + (1-\gamma) x_2\|^2` (:math:`v_{11}`,
+    :math:`v_{22}` and :math:`v_{22} + \gamma (v_{12} - v_{22})` in the three
+    cases). In the third case :math:`v_{11} > v_{12}` and :math:`v_{22} >
+    v_{12}`, so the denominator :math:`\|x_1 - x_2\|^2` is positive; it is
+    guarded all the same, so no input gives a division by zero (identical or
+    zero vectors take the first case: :math:`\gamma = 1`). Works elementwise on
+    broadcastable arrays.
+
+    Args:
+      v11: :math:`\langle x_1, x_1\rangle`.
+      v12: :math:`\langle x_1, x_2\rangle`.
+      v22: :math:`\langle x_2, x_2\rangle`.
+
+    Returns:
+      ``(gamma, cost)``, ``gamma`` being the coefficient of :math:`x_1`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> gamma, cost = solvers.min_norm_two_point(1.0, -1.0, 1.0)  # x2 = -x1
+      >>> float(gamma), float(cost)
+      (0.5, 0.0)
+      >>> [float(x) for x in solvers.min_norm_two_point(1.0, 2.0, 5.0)]  # x2 = 2 x1
+      [1.0, 1.0]
+
+    References:
+      Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+      <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018, Algorithm 1 and
+      ``MinNormSolver._min_norm_element_from2`` in their code.
+
+    Differences from the references:
+      Sener & Koltun's code (and LibMTL ``MGDA``, vambn's numpy solver) return
+      :math:`\gamma = 0.999` and :math:`0.001` instead of 1 and 0 at the
+      boundaries; vambn's torch-module solver adds ``1e-8`` to the
+      denominator. This rule is the exact minimiser.
+    """
+    gamma, _, cost = _two_point(v11, v12, v22)
+    return gamma, cost
+
+
+def _two_point(v11, v12, v22):
+    """``(gamma, 1 - gamma, cost)``, the complement computed on its own (no cancellation)."""
+    v11, v12, v22 = jnp.broadcast_arrays(*map(jnp.asarray, (v11, v12, v22)))
+    dtype = jnp.result_type(v11, v12, v22, jnp.float32)
+    v11, v12, v22 = v11.astype(dtype), v12.astype(dtype), v22.astype(dtype)
+    first = v12 >= v11
+    second = ~first & (v12 >= v22)
+    denominator = v11 + v22 - 2 * v12
+    interior = ~first & ~second & (denominator > 0)
+    safe = jnp.where(interior, denominator, 1)
+    gamma_interior = jnp.clip((v22 - v12) / safe, 0, 1)
+    complement_interior = jnp.clip((v11 - v12) / safe, 0, 1)
+    gamma = jnp.where(first, 1, jnp.where(second, 0, gamma_interior)).astype(dtype)
+    complement = jnp.where(first, 0, jnp.where(second, 1, complement_interior)).astype(dtype)
+    cost_interior = v22 + gamma_interior * (v12 - v22)
+    cost = jnp.where(first, v11, jnp.where(second, v22, cost_interior))
+    return gamma, complement, cost
+
+
+class MinNormResult(NamedTuple):
+    """What :func:`solve_min_norm` returns.
+
+    Attributes:
+      weights: ``[K]`` weights on the probability simplex.
+      cost: :math:`w^\\top G w`, the squared norm of the point
+        :math:`\\sum_k w_k g_k`.
+      gap: the Frank-Wolfe duality gap :math:`w^\\top G w - \\min_k (G w)_k
+        \\ge 0`, an upper bound on ``cost`` minus the optimal cost (up to
+        rounding); with :math:`d = \\sum_k w_k g_k`, every task has
+        :math:`\\langle d, g_k\\rangle \\ge \\|d\\|^2 - \\text{gap}`.
+      num_iterations: number of Frank-Wolfe iterations run (int32; 0 for
+        ``K <= 2``, where the closed form is exact).
+      converged: whether the stopping rule on the gap was met (or the cost
+        is 0); False when ``max_iter`` or rounding stopped the loop first.
+    """
+
+    weights: jax.Array
+    cost: jax.Array
+    gap: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+
+
+def _check_gramian(gramian: jax.typing.ArrayLike, name: str) -> jax.Array:
+    gramian = jnp.asarray(gramian)
+    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
+        raise ValueError(
+            f"{name}: the Gramian must be a square [K, K] matrix with K >= 1; found shape"
+            f" {gramian.shape}."
+        )
+    dtype = jnp.promote_types(gramian.dtype, jnp.float32)
+    return gramian.astype(dtype)
+
+
+def _best_pair(gramian: jax.Array) -> jax.Array:
+    """Start point: the best two-point solution over all pairs ``i < j``.
+
+    Pairs are scanned in lexicographic order and the first pair with the
+    smallest cost wins, as in Sener & Koltun's ``_min_norm_2d``.
+    """
+    k = gramian.shape[0]
+    rows, cols = np.triu_indices(k, 1)
+    diag = jnp.diagonal(gramian)
+    gamma, complement, cost = _two_point(diag[rows], gramian[rows, cols], diag[cols])
+    best = jnp.argmin(cost)
+    w = jnp.zeros((k,), gramian.dtype)
+    w = w.at[jnp.asarray(rows)[best]].set(gamma[best])
+    w = w.at[jnp.asarray(cols)[best]].add(complement[best])
+    return w / jnp.sum(w)
+
+
+def solve_min_norm(
+    gramian: jax.typing.ArrayLike, *, max_iter: int = 250, tol: float = 1e-6
+) -> MinNormResult:
+    r"""The minimum-norm point of the convex hull of the task gradients, from ``G``.
+
+    .. math::
+      w^\star = \operatorname*{arg\,min}_{w \in \Delta^K} w^\top G w
+
+    Sener & Koltun's Frank-Wolfe solver, made exact: the best pair of tasks
+    (closed form, :func:`min_norm_two_point`) as the starting point, then, in a
+    ``lax.while_loop``, three candidate steps per iteration, each with its exact
+    line search (the objective is quadratic along any line), of which the one
+    that decreases the cost most is taken. With :math:`u = Gw`, the Frank-Wolfe
+    vertex :math:`t = \arg\min_k u_k` and the away vertex :math:`s =
+    \arg\max_{k: w_k > 0} u_k`:
+
+    * the Frank-Wolfe step :math:`w \leftarrow (1 - \alpha) w + \alpha e_t`,
+      :math:`0 \le \alpha \le 1` (Sener & Koltun's Algorithm 2);
+    * the pairwise step :math:`w \leftarrow w + \eta (e_t - e_s)`,
+      :math:`0 \le \eta \le w_s` (Lacoste-Julien & Jaggi, 2015): moves weight
+      off a bad task, where plain Frank-Wolfe only shrinks it geometrically;
+    * the affine step :math:`w \leftarrow w + \theta (v - w)` towards the
+      minimiser :math:`v` of :math:`v^\top G v` over the affine hull of the
+      current support (a :math:`(K+1) \times (K+1)` KKT solve), as far as
+      :math:`w \ge 0` allows (the minor cycle of Wolfe's min-norm-point
+      algorithm, 1976): once the support is right it lands on the optimum, so
+      the solver ends in about as many iterations as there are tasks in the
+      support, at machine precision, also where Frank-Wolfe variants crawl
+      (``K`` larger than the number of parameters, 0 almost in the hull).
+
+    The loop stops when the Frank-Wolfe duality gap
+
+    .. math::
+      \text{gap} = w^\top G w - \min_k (G w)_k \le \text{tol} \cdot w^\top G
+      w + 4 K \epsilon \big(w^\top |G| w + \max_k (|G| w)_k\big)
+
+    (the second term is the rounding level of the gap in the dtype's
+    :math:`\epsilon`): then :math:`w^\top G w` is within a relative
+    :math:`2\,\text{tol}` of the optimum and :math:`d = \sum_k w_k g_k`
+    satisfies :math:`\langle d, g_k\rangle \ge \|d\|^2 - \text{gap}` for every
+    task. It also stops when the cost is 0, when no step decreases the cost
+    (rounding), or after ``max_iter`` iterations.
+
+    The iterations run on :math:`G / \max_k G_{kk}` (the solution does not
+    depend on the scale), so gradients of any magnitude neither overflow nor
+    underflow. ``K = 1`` gives ``[1]``; ``K = 2`` is solved by the closed form.
+    Zero, identical and collinear gradients give finite weights (ties go to the
+    first task, as in the references); a non-finite Gramian gives non-finite
+    weights. The weights are treated as constants
+    under differentiation (``lax.stop_gradient``), as the references do.
+    Jit-compatible.
+
+    Args:
+      gramian: ``[K, K]`` symmetric positive semi-definite Gramian (computed
+        in float32 at least; float64 stays float64).
+      max_iter: maximum number of Frank-Wolfe iterations (>= 0). Default 250,
+        the cap of Sener & Koltun's solver and of LibMTL's and vambn's.
+      tol: relative duality-gap tolerance (>= 0). Default 1e-6: the cost is
+        then within 2e-6 (relative) of the optimum; in practice the affine
+        steps end on the optimum up to rounding. (Sener & Koltun, LibMTL and
+        vambn stop when the weights move by less than 1e-5 in l1, vambn's
+        torch module by less than 1e-6; TorchJD when its step is below 1e-3.)
+
+    Returns:
+      A :class:`MinNormResult`.
+
+    Raises:
+      ValueError: the Gramian is not ``[K, K]`` with ``K >= 1``, or
+        ``max_iter``/``tol`` is negative.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # three task gradients
+      >>> res = solvers.solve_min_norm(g @ g.T)
+      >>> res.weights  # the third gradient is not needed
+      Array([0.5, 0.5, 0. ], dtype=float32)
+      >>> float(res.cost), bool(res.converged)  # ||(0.5, 0.5)||^2
+      (0.5, True)
+
+    References:
+      Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+      <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018 (Algorithms 1 and 2;
+      ``MinNormSolver`` in https://github.com/isl-org/MultiObjectiveOptimization).
+      Lacoste-Julien & Jaggi, `On the Global Linear Convergence of Frank-Wolfe
+      Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015
+      (pairwise steps). Wolfe, `Finding the nearest point in a polytope
+      <https://doi.org/10.1007/BF01580381>`_, Mathematical Programming 1976
+      (affine steps). Reference implementations: LibMTL ``MGDA``
+      (``_find_min_norm_element``), TorchJD ``MGDAWeighting``, vambn
+      ``MinNormSolver`` (numpy and torch module).
+
+    Differences from the references:
+      * The exact two-point rule (boundaries 1 and 0, no epsilon; see
+        :func:`min_norm_two_point`). Sener & Koltun's code, LibMTL and vambn's
+        numpy solver return 0.999/0.001 at the boundaries, so for ``K = 2``
+        with one gradient dominated by the other they give weight 0.001 to the
+        task that should get none.
+      * Pairwise and affine steps besides the Frank-Wolfe steps, and a
+        duality-gap stopping rule. Sener & Koltun's ``find_min_norm_element``
+        (LibMTL, vambn) runs projected-gradient steps and stops when the
+        weights move by less than 1e-5 in l1, which can stop far from the
+        optimum (LibMTL at ``K = 40``, ``P = 1e5`` with tasks of different
+        scales: 1.2 to 1.55 times the minimal norm); TorchJD runs plain Frank-Wolfe from the uniform weights and
+        stops when the step is below 1e-3. This solver reaches a cost lower
+        than or equal to theirs, equal to the exact optimum up to rounding.
+      * LibMTL's and vambn's numpy loops have no iteration cap (LibMTL's
+        counter is never incremented; with a NaN input it never ends); this
+        one stops after ``max_iter`` iterations.
+    """
+    if int(max_iter) != max_iter or max_iter < 0:
+        raise ValueError(f"solve_min_norm: max_iter must be an integer >= 0; got {max_iter!r}.")
+    if not tol >= 0:
+        raise ValueError(f"solve_min_norm: tol must be >= 0; got {tol!r}.")
+    gramian = lax.stop_gradient(_check_gramian(gramian, "solve_min_norm"))
+    return _solve(gramian, jnp.asarray(tol, gramian.dtype), jnp.asarray(max_iter, jnp.int32))
+
+
+@jax.jit
+def _solve(gramian: jax.Array, tol: jax.Array, max_iter: jax.Array) -> MinNormResult:
+    """:func:`solve_min_norm` after validation; jitted so eager calls reuse the loop."""
+    dtype = gramian.dtype
+    k = gramian.shape[0]
+    gramian = (gramian + gramian.T) / 2
+    top = jnp.max(jnp.diagonal(gramian))
+    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
+    g = gramian / scale
+
+    # Rounding level of the gap: sum_k w_k g_k cannot cancel below eps K w^T |G| w,
+    # and a weight w_k can only move by about eps w_k, which moves (G w)_t by up to
+    # eps (|G| w)_t; a gap under that counts as converged.
+    noise = 4 * k * jnp.finfo(dtype).eps
+    abs_g = jnp.abs(g)
+
+    def gap_and_cost(w):
+        u = g @ w
+        cost = w @ u
+        return cost - jnp.min(u), cost, u
+
+    def is_converged(w, gap, cost):
+        spread = abs_g @ w
+        return (gap <= tol * cost + noise * (w @ spread + jnp.max(spread))) | (cost <= 0)
+
+    if k == 1:
+        w = jnp.ones((1,), dtype)
+        num_iterations = jnp.asarray(0, jnp.int32)
+    elif k == 2:
+        w = _best_pair(g)
+        num_iterations = jnp.asarray(0, jnp.int32)
+    else:
+        diag = jnp.diagonal(g)
+
+        def cond(carry):
+            i, _, done = carry
+            return (i < max_iter) & ~done
+
+        def line_search(slope, curvature, upper):
+            # argmin over 0 <= step <= upper of cost - 2 step slope + step^2 curvature,
+            # and the decrease it gives; both first order in the slope, so they are
+            # resolved even when the decrease is below the rounding of the cost.
+            positive = curvature > 0
+            step = jnp.where(positive, slope / jnp.where(positive, curvature, 1), jnp.inf)
+            step = jnp.where(slope > 0, jnp.clip(step, 0, upper), 0)
+            return step, step * (2 * slope - step * curvature)
+
+        def affine_minimizer(support):
+            # Bordered KKT system [[G_SS, 1], [1^T, 0]] [v; -mu] = [0; 1], with the
+            # rows and columns outside the support replaced by the identity (v = 0).
+            both = support[:, None] & support[None, :]
+            eye = jnp.eye(k, dtype=dtype)
+            top = jnp.where(both, g, eye)
+            ones = support.astype(dtype)
+            kkt = jnp.block([[top, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), dtype)]])
+            rhs = jnp.zeros((k + 1,), dtype).at[k].set(1)
+            return jnp.linalg.solve(kkt, rhs)[:k]
+
+        def body(carry):
+            i, w, _ = carry
+            gap, cost, u = gap_and_cost(w)
+            t = jnp.argmin(u)
+            # Frank-Wolfe step: w <- (1 - alpha) w + alpha e_t (slope = the gap).
+            alpha, gain_fw = line_search(gap, cost - 2 * u[t] + diag[t], 1)
+            w_fw = ((1 - alpha) * w).at[t].add(alpha)
+            # Pairwise step: w <- w + eta (e_t - e_s), s the worst task in the support.
+            s = jnp.argmax(jnp.where(w > 0, u, -jnp.inf))
+            eta, gain_pw = line_search(u[s] - u[t], diag[t] + diag[s] - 2 * g[t, s], w[s])
+            w_pw = w.at[t].add(eta).at[s].set(jnp.where(eta == w[s], 0, w[s] - eta))
+            # Affine (Wolfe) step: towards the minimiser v of v^T G v over the affine
+            # hull of the support, as far as w stays >= 0.
+            support = w > 0
+            v = affine_minimizer(support)
+            delta = jnp.where(support, v - w, 0)
+            ok = jnp.all(jnp.isfinite(delta))
+            # Exactly sum(delta) = 0, so that any step stays on the simplex's plane.
+            delta = jnp.where(ok & support, delta - jnp.sum(delta) / jnp.sum(support), 0)
+            shrinking = delta < 0
+            ratios = jnp.where(shrinking, w / jnp.where(shrinking, -delta, 1), jnp.inf)
+            drop = jnp.argmin(ratios)
+            theta_max = jnp.minimum(ratios[drop], jnp.asarray(jnp.inf, dtype))
+            theta, gain_af = line_search(-(delta @ u), delta @ (g @ delta), theta_max)
+            w_af = jnp.maximum(w + theta * delta, 0)
+            w_af = jnp.where(theta == theta_max, w_af.at[drop].set(0), w_af)
+            gains = jnp.stack([gain_fw, gain_pw, gain_af])
+            gains = jnp.where(jnp.isfinite(gains), gains, -1)
+            best = jnp.argmax(gains)
+            done = is_converged(w, gap, cost) | ~(gains[best] > 0)
+            new_w = jnp.stack([w_fw, w_pw, w_af])[best]
+            new_w = new_w / jnp.sum(new_w)
+            return i + jnp.where(done, 0, 1), jnp.where(done, w, new_w), done
+
+        w0 = _best_pair(g)
+        num_iterations, w, _ = lax.while_loop(
+            cond, body, (jnp.asarray(0, jnp.int32), w0, jnp.asarray(False))
+        )
+    w = jnp.maximum(w, 0)
+    w = w / jnp.sum(w)
+    gap, cost, _ = gap_and_cost(w)
+    converged = is_converged(w, gap, cost) | (k <= 2)
+    return MinNormResult(
+        weights=w,
+        cost=cost * scale,
+        gap=jnp.maximum(gap, 0) * scale,
+        num_iterations=num_iterations,
+        converged=converged,
+    )
+
+
+def min_norm(gramian: jax.typing.ArrayLike, *, max_iter: int = 250, tol: float = 1e-6) -> jax.Array:
+    r"""The weights of the minimum-norm point of the convex hull, from the Gramian.
+
+    .. math::
+      w^\star = \operatorname*{arg\,min}_{w \in \Delta^K} w^\top G w
+
+    Shorthand for ``solve_min_norm(gramian, max_iter=max_iter, tol=tol).weights``;
+    see :func:`solve_min_norm` for the algorithm, the defaults and the
+    differences from the references.
+
+    Args:
+      gramian: ``[K, K]`` Gramian of the task gradients.
+      max_iter: maximum number of Frank-Wolfe iterations (default 250).
+      tol: relative duality-gap tolerance (default 1e-6).
+
+    Returns:
+      ``[K]`` weights on the probability simplex.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> g = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+      >>> solvers.min_norm(g @ g.T)  # (0.2, 0.8): the point (0.4, 0.8) is orthogonal to g1 - g2
+      Array([0.2, 0.8], dtype=float32)
+    """
+    return solve_min_norm(gramian, max_iter=max_iter, tol=tol).weights
