@@ -236,7 +236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     if args.methods is None:
-        args.methods = mtl_optax.available()
+        args.methods = mtl_optax.available(aliases=False)  # every method once
     else:
         args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(args.methods) - set(mtl_optax.available()))

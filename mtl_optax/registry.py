@@ -10,6 +10,7 @@ import optax
 __all__ = ["available", "get", "register"]
 
 _REGISTRY: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {}
+_ALIASES: set[str] = set()
 
 F = TypeVar("F", bound=Callable[..., optax.GradientTransformationExtraArgs])
 
@@ -18,7 +19,9 @@ def register(*names: str) -> Callable[[F], F]:
     """Class decorator-style registration of a method factory under ``names``."""
 
     def deco(factory: F) -> F:
-        for name in names:
+        for i, name in enumerate(names):
+            if i:  # the first name is the method's; the others are aliases
+                _ALIASES.add(name)
             if name != name.lower():
                 raise ValueError(f"method names are lowercase; got {name!r}")
             if name in _REGISTRY:
@@ -29,15 +32,19 @@ def register(*names: str) -> Callable[[F], F]:
     return deco
 
 
-def available() -> list[str]:
+def available(*, aliases: bool = True) -> list[str]:
     """The lowercase names of every method, sorted.
+
+    Args:
+      aliases: whether to include alias names (``config`` for
+        ``conflict_free``); without them every method is listed once.
 
     Example:
       >>> import mtl_optax
       >>> "mean" in mtl_optax.available()
       True
     """
-    return sorted(_REGISTRY)
+    return sorted(n for n in _REGISTRY if aliases or n not in _ALIASES)
 
 
 def get(name: str, **hparams: Any) -> optax.GradientTransformationExtraArgs:

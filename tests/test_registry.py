@@ -48,3 +48,11 @@ def test_every_method_has_a_docstring_with_math_and_references():
     for name in mtl_optax.available():
         doc = inspect.getdoc(mtl_optax.registry._REGISTRY[name])
         assert doc and ".. math::" in doc and "References:" in doc and "Example" in doc, name
+
+
+def test_available_without_aliases_lists_each_method_once():
+    names = mtl_optax.available(aliases=False)
+    assert "config" not in names and "conflict_free" in names
+    factories = [mtl_optax.registry._REGISTRY[n] for n in names]
+    assert len(set(factories)) == len(factories)
+    assert set(mtl_optax.available()) - set(names) == {"config"}
