@@ -126,7 +126,7 @@ def _per_task_form(method: Any, position: int) -> PerTaskTransformation:
 def _task_sum(tree: Any) -> Any:
     """``sum_k`` of each leaf over the task axis, in its accumulation dtype."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.sum(x.astype(engine.accumulation_dtype(x.dtype)), axis=0), tree
+        lambda x: engine.sum_tasks(x.astype(engine.accumulation_dtype(x.dtype))), tree
     )
 
 

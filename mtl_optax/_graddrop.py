@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from mtl_optax import engine
 from mtl_optax.base import PerTaskTransformation, canonicalize_key
@@ -113,8 +114,22 @@ def graddrop_uniforms(
         shape = tuple(jnp.shape(leaf))[1:]
         leaf_axes = _leaf_axes(_path(path), len(shape), axes)
         dtype = engine.accumulation_dtype(jnp.result_type(leaf))
-        out.append(jax.random.uniform(leaf_key, _stat_shape(shape, leaf_axes), dtype))
+        out.append(_uniform(leaf_key, _stat_shape(shape, leaf_axes), dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Uniform draws in [0, 1).
+
+    In float32: the top 24 bits of ``jax.random.bits``, i.e. uniform on the
+    grid ``{0, 2**-24, ..., 1 - 2**-24}``; on XLA's CPU backend this is about
+    4 times faster than ``jax.random.uniform`` (which GradDrop would otherwise
+    spend most of its time in). In float64, ``jax.random.uniform``.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        bits = jax.random.bits(key, shape, jnp.uint32)
+        return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    return jax.random.uniform(key, shape, dtype)
 
 
 def apply_graddrop(
@@ -194,18 +209,24 @@ def apply_graddrop(
         dtype = engine.accumulation_dtype(leaf.dtype)
         g = leaf.astype(dtype)
         stat = jnp.sum(g, axis=tuple(a + 1 for a in leaf_axes), keepdims=True)
-        total, mass = jnp.sum(stat, axis=0), jnp.sum(jnp.abs(stat), axis=0)
+        total, mass = engine.sum_tasks(stat), engine.sum_tasks(jnp.abs(stat))
         safe = mass > 0
         ratio = jnp.where(safe, total / jnp.where(safe, mass, 1), 0)
         purity = 0.5 * (1 + ratio)
         if f is not None:
             purity = jnp.asarray(f(purity), dtype)
+        # Materialise the purity: otherwise XLA may fuse its K-term sums into
+        # each task's mask and recompute them K times (O(K^2) work; 0.9 s
+        # instead of 30 ms at K=40, P=1e6 on CPU).
+        purity = lax.optimization_barrier(purity)
         u = u.astype(dtype)
         keep = ((purity > u) & (stat > 0)) | ((purity < u) & (stat < 0))
         leak = jnp.asarray(lk, dtype).reshape((-1,) + (1,) * len(shape))
         mask = jnp.where(keep, jnp.ones((), dtype), leak)
         masked = mask * g
-        out.append(masked.astype(leaf.dtype) if per_task else jnp.sum(masked, 0).astype(leaf.dtype))
+        out.append(
+            masked.astype(leaf.dtype) if per_task else engine.sum_tasks(masked).astype(leaf.dtype)
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -136,3 +136,11 @@ def test_gramian_and_combine_trace_under_jit_and_vmap():
     batched = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)
     g = jax.vmap(mtl_optax.gramian)(batched)
     np.testing.assert_allclose(np.asarray(g[1]), 4 * np.asarray(g[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 64, 65])  # the unrolled path and the contraction path
+def test_sum_tasks_equals_sum_over_the_leading_axis(k):
+    x = jax.random.normal(jax.random.key(k), (k, 7, 3))
+    np.testing.assert_allclose(
+        np.asarray(engine.sum_tasks(x)), np.asarray(x, np.float64).sum(0), rtol=1e-5, atol=1e-5
+    )
