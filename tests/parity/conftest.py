@@ -284,3 +284,52 @@ def assert_combination_close(
             f" sum_k |w_k||J_kj|; worst at {i}: actual={actual[i]!r},"
             f" expected={expected[i]!r}, |diff|={err[i]:.3e}, bound={bound[i]:.3e}"
         )
+
+
+def edge_jacobian(
+    name: str,
+    *,
+    seed: int,
+    num_params: int = 301,
+    orthogonal_scale: float = 1.0,
+    magnitudes_seed: int = 11,
+    extra: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """The ``(K, P)`` float64 Jacobian of an edge case of the issue tracker.
+
+    Cases: ``K1``; ``identical``, ``opposite``, ``orthogonal`` (K = 2);
+    ``collinear`` (c = 1, 2.5, -0.5); ``zero_task`` (row 1 of three is zero);
+    ``all_zero``; ``magnitudes`` (rows scaled 1e-8, 1, 1e4); ``tiny_vs_huge``
+    (1e-8 against 1e4). Two base vectors ``g1, g2`` are drawn first from
+    ``default_rng(seed)``; ``extra`` maps further case names to
+    ``fn(rng, num_params)``, called with that generator after those draws.
+
+    Raises:
+      AssertionError: ``name`` is not a known case.
+    """
+    p = num_params
+    rng = np.random.default_rng(seed)
+    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
+    if extra and name in extra:
+        return extra[name](rng, p)
+    if name == "K1":
+        return g1[None]
+    if name == "identical":
+        return np.stack([g1, g1])
+    if name == "opposite":
+        return np.stack([g1, -g1])
+    if name == "orthogonal":
+        return np.stack([g1, orthogonal_scale * (g2 - (g1 @ g2) / (g1 @ g1) * g1)])
+    if name == "collinear":
+        return np.stack([g1, 2.5 * g1, -0.5 * g1])
+    if name == "zero_task":
+        jac = rng.standard_normal((3, p))
+        jac[1] = 0.0
+        return jac
+    if name == "all_zero":
+        return np.zeros((3, p))
+    if name == "magnitudes":
+        return random_jacobian(magnitudes_seed, 3, p, scales=[1e-8, 1.0, 1e4])
+    if name == "tiny_vs_huge":
+        return random_jacobian(12, 2, p, scales=[1e-8, 1e4])
+    raise AssertionError(f"unknown edge case {name!r}")

@@ -47,6 +47,7 @@ from mtl_optax._cagrad import _cagrad_terms
 
 from .conftest import (
     assert_combination_close,
+    edge_jacobian,
     import_libmtl,
     jacobian_to_tree,
     params_like,
@@ -254,29 +255,7 @@ def test_random_jacobians_match_torchjd(x64, monkeypatch, seed, k, p, c):
 
 
 def _edge_case(name):
-    rng = np.random.default_rng(17)
-    p = 301
-    g, h = rng.standard_normal(p), rng.standard_normal(p)
-    h_orth = h - (h @ g) / (g @ g) * g
-    if name == "K1":
-        return g[None]
-    if name == "identical":
-        return np.stack([g, g])
-    if name == "opposite":
-        return np.stack([g, -g])
-    if name == "orthogonal":
-        return np.stack([g, h_orth])
-    if name == "collinear":
-        return np.stack([g, 2.5 * g, -0.5 * g])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "magnitudes":
-        return random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
-    if name == "tiny_vs_huge":
-        return random_jacobian(12, 2, p, scales=[1e-8, 1e4])
-    raise AssertionError(name)
+    return edge_jacobian(name, seed=17)
 
 
 EDGE_CASES = (

@@ -34,6 +34,7 @@ import mtl_optax
 from mtl_optax._graddrop import apply_graddrop
 
 from .conftest import (
+    edge_jacobian,
     import_libmtl,
     jacobian_to_tree,
     params_like,
@@ -167,32 +168,16 @@ def test_per_task_leakage_matches_torchjd(x64, monkeypatch):
     assert_masked_close(ours, theirs, jac)
 
 
+def _sparse_ties(rng, p):
+    """Coordinates where some or all tasks are exactly 0."""
+    jac = rng.standard_normal((4, p))
+    jac[rng.random((4, p)) < 0.6] = 0.0
+    jac[:, :5] = 0.0
+    return jac
+
+
 def _edge_case(name):
-    rng = np.random.default_rng(17)
-    p = 301
-    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
-    if name == "K1":
-        return g1[None]
-    if name == "identical":
-        return np.stack([g1, g1])
-    if name == "opposite":
-        return np.stack([g1, -g1])
-    if name == "orthogonal":
-        return np.stack([g1, g2 - (g1 @ g2) / (g1 @ g1) * g1])
-    if name == "collinear":
-        return np.stack([g1, 2.5 * g1, -0.5 * g1])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "magnitudes":
-        return random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
-    if name == "sparse_ties":  # coordinates where some or all tasks are exactly 0
-        jac = rng.standard_normal((4, p))
-        jac[rng.random((4, p)) < 0.6] = 0.0
-        jac[:, :5] = 0.0
-        return jac
-    raise AssertionError(name)
+    return edge_jacobian(name, seed=17, extra={"sparse_ties": _sparse_ties})
 
 
 EDGE_CASES = (

@@ -54,6 +54,7 @@ from mtl_optax._mgda import mgda
 from ..test_solvers import exact_min_norm
 from .conftest import (
     assert_combination_close,
+    edge_jacobian,
     import_libmtl,
     jacobian_to_tree,
     params_like,
@@ -233,29 +234,7 @@ def test_random_jacobians_match_libmtl(x64, normalization, seed, k, p):
 
 
 def _edge_jacobian(name):
-    rng = np.random.default_rng(7)
-    p = 301
-    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
-    if name == "K1":
-        return g1[None]
-    if name == "identical":
-        return np.stack([g1, g1])
-    if name == "opposite":
-        return np.stack([g1, -g1])
-    if name == "orthogonal":
-        g2 = g2 - (g1 @ g2) / (g1 @ g1) * g1
-        return np.stack([g1, 3 * g2])
-    if name == "collinear":
-        return np.stack([g1, 2.5 * g1, -0.5 * g1])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "magnitudes":
-        return random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
-    if name == "tiny_vs_huge":
-        return random_jacobian(12, 2, p, scales=[1e-8, 1e4])
-    raise AssertionError(name)
+    return edge_jacobian(name, seed=7, orthogonal_scale=3.0)
 
 
 EDGE_CASES = (

@@ -38,6 +38,7 @@ from mtl_optax._normalization import gradnorm, nsgd
 
 from .conftest import (
     assert_combination_close,
+    edge_jacobian,
     import_libmtl,
     jacobian_to_tree,
     params_like,
@@ -142,26 +143,7 @@ def _nsgd_reference(jac, initial):
 
 
 def _edge_jacobian(name):
-    rng = np.random.default_rng(17)
-    p = 301
-    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
-    if name == "K1":
-        return g1[None]
-    if name == "identical":
-        return np.stack([g1, g1])
-    if name == "opposite":
-        return np.stack([g1, -g1])
-    if name == "orthogonal":
-        return np.stack([g1, g2 - (g1 @ g2) / (g1 @ g1) * g1])
-    if name == "collinear":
-        return np.stack([g1, 2.5 * g1, -0.5 * g1])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "magnitudes":
-        return random_jacobian(18, 3, p, scales=[1e-8, 1.0, 1e4])
-    raise AssertionError(name)
+    return edge_jacobian(name, seed=17, magnitudes_seed=18)
 
 
 EDGE = ("K1", "identical", "opposite", "orthogonal", "collinear", "zero_task", "magnitudes")

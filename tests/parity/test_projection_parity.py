@@ -49,6 +49,7 @@ from mtl_optax.engine import combine, gramian
 
 from .conftest import (
     assert_combination_close,
+    edge_jacobian,
     import_libmtl,
     jacobian_to_tree,
     params_like,
@@ -238,30 +239,16 @@ CASES = [
 CASE_IDS = [f"s{s}-K{k}-P{p}" for s, k, p in CASES]
 
 
+def _magnitudes(rng, p):
+    """1e-8 against 1e4, with a conflicting unit task in between."""
+    del rng
+    jac = random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
+    jac[1] -= 0.5 * jac[2] / 1e4
+    return jac
+
+
 def _edge_case(name):
-    rng = np.random.default_rng(7)
-    p = 100
-    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
-    if name == "K1":
-        return g1[None]
-    if name == "identical":
-        return np.stack([g1, g1])
-    if name == "opposite":
-        return np.stack([g1, -g1])
-    if name == "orthogonal":
-        g2 = g2 - (g1 @ g2) / (g1 @ g1) * g1
-        return np.stack([g1, g2])
-    if name == "collinear":
-        return np.stack([g1, 2.5 * g1, -0.5 * g1])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "magnitudes":  # 1e-8 against 1e4, with a conflicting unit task in between.
-        jac = random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
-        jac[1] -= 0.5 * jac[2] / 1e4
-        return jac
-    raise AssertionError(name)
+    return edge_jacobian(name, seed=7, num_params=100, extra={"magnitudes": _magnitudes})
 
 
 EDGE_CASES = ("K1", "identical", "opposite", "orthogonal", "collinear", "zero_task", "magnitudes")

@@ -66,6 +66,7 @@ import mtl_optax
 from mtl_optax._sdmgrad import cross_gramian, sdmgrad, sdmgrad_weights
 
 from .conftest import (
+    edge_jacobian,
     jacobian_to_tree,
     params_like,
     random_jacobian,
@@ -275,33 +276,16 @@ def test_cross_gramian_matches_torch_product(x64):
 
 
 def _edge_jacobian(name):
-    rng = np.random.default_rng(17)
-    p = 301
-    g1, g2 = rng.standard_normal(p), rng.standard_normal(p)
-    if name == "K1":
-        return g1[None]
-    if name == "identical":
-        return np.stack([g1, g1])
-    if name == "opposite":
-        return np.stack([g1, -g1])
-    if name == "orthogonal":
-        g2 = g2 - (g1 @ g2) / (g1 @ g1) * g1
-        return np.stack([g1, g2])
-    if name == "collinear":
-        return np.stack([g1, 2.5 * g1, -0.5 * g1])
-    if name == "zero_task":
-        jac = rng.standard_normal((3, p))
-        jac[1] = 0.0
-        return jac
-    if name == "all_zero":
-        return np.zeros((3, p))
     if name == "magnitudes_1e-8_1_1e4":
-        return random_jacobian(11, 3, p, scales=[1e-8, 1.0, 1e4])
-    if name == "tiny_vs_huge":
-        return random_jacobian(12, 2, p, scales=[1e-8, 1e4])
-    if name == "all_tiny":  # Gramian ~1e-13 << the 1e-8 of the normalisation.
-        return random_jacobian(13, 3, p, scales=[1e-8, 2e-8, 3e-8])
-    raise AssertionError(name)
+        name = "magnitudes"
+    return edge_jacobian(
+        name,
+        seed=17,
+        extra={
+            # Gramian ~1e-13 << the 1e-8 of the normalisation.
+            "all_tiny": lambda rng, p: random_jacobian(13, 3, p, scales=[1e-8, 2e-8, 3e-8]),
+        },
+    )
 
 
 EDGE = (
