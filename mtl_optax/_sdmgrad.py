@@ -55,31 +55,6 @@ def _path(path: tuple[Any, ...]) -> str:
     return text if text else "<root>"
 
 
-def _leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
-    """``x @ y.T`` for two (K, n) blocks, accumulated in ``dtype``.
-
-    Long leaves are reduced over column blocks on CPU, like ``engine.gramian``
-    (a long ``(K, n) @ (n, K)`` contraction is several times slower there).
-    """
-    dims = (((1,), (1,)), ((), ()))
-    k, n = x.shape
-    if jax.default_backend() != "cpu" or n < engine._CPU_BLOCKED_MIN_COLUMNS:
-        return lax.dot_general(x, y, dims, preferred_element_type=dtype)
-    b = engine._CPU_BLOCK_COLUMNS
-    nblocks, rest = divmod(n, b)
-
-    def body(acc, i):
-        xb = lax.dynamic_slice_in_dim(x, i * b, b, axis=1)
-        yb = lax.dynamic_slice_in_dim(y, i * b, b, axis=1)
-        return acc + lax.dot_general(xb, yb, dims, preferred_element_type=dtype), None
-
-    acc, _ = lax.scan(body, jnp.zeros((k, k), dtype), jnp.arange(nblocks))
-    if rest:
-        start = nblocks * b
-        acc = acc + lax.dot_general(x[:, start:], y[:, start:], dims, preferred_element_type=dtype)
-    return acc
-
-
 def cross_gramian(task_grads_a: Any, task_grads_b: Any) -> jax.Array:
     r"""The cross matrix :math:`A = J_a J_b^\top` of two stacked task gradients.
 
@@ -134,20 +109,7 @@ def cross_gramian(task_grads_a: Any, task_grads_b: Any) -> jax.Array:
                 f" task_grads_a but {tuple(jnp.shape(y))} in task_grads_b; both must be"
                 " the stacked task gradients of the same parameters (same K)."
             )
-    dtype = jnp.result_type(
-        *(engine.accumulation_dtype(jnp.result_type(x)) for _, x in leaves_a),
-        *(engine.accumulation_dtype(jnp.result_type(y)) for y in leaves_b),
-    )
-    out = jnp.zeros((k, k), dtype)
-    for (_, x), y in zip(leaves_a, leaves_b, strict=True):
-        if jnp.size(x) == 0:
-            continue
-        acc = jnp.promote_types(
-            engine.accumulation_dtype(jnp.result_type(x)),
-            engine.accumulation_dtype(jnp.result_type(y)),
-        )
-        out = out + _leaf_cross(x.reshape(k, -1), y.reshape(k, -1), acc).astype(dtype)
-    return out
+    return engine.sum_leaf_crosses([x for _, x in leaves_a], leaves_b, k)
 
 
 # ---------------------------------------------------------------------------

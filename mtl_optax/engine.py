@@ -31,13 +31,15 @@ __all__ = [
     "check_value",
     "combine",
     "gramian",
+    "leaf_cross",
     "scale_rows",
+    "sum_leaf_crosses",
     "sum_tasks",
 ]
 
 # Up to this many tasks, sum_tasks adds the task slices one by one (see there).
 _UNROLLED_SUM_MAX_TASKS = 64
-# Leaves with more columns than this take the blocked path on CPU (see _leaf_gramian).
+# Leaves with more columns than this take the blocked path on CPU (see leaf_cross).
 _CPU_BLOCKED_MIN_COLUMNS = 1 << 18
 _CPU_BLOCK_COLUMNS = 1 << 14
 
@@ -161,30 +163,53 @@ def check_value(value: Any, num_tasks: int, *, method: str = "mtl_optax") -> jax
     return value
 
 
-def _leaf_gramian(x: jax.Array, dtype: np.dtype) -> jax.Array:
-    """``x @ x.T`` for a (K, n) block, accumulated in ``dtype``.
+def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
+    """``x @ y.T`` for two (K, n) blocks, accumulated in ``dtype``.
 
-    XLA's CPU backend is several times slower on one long ``(K, n) @ (n, K)``
-    contraction than on a loop of column blocks that stay in cache (10 x 1e6
-    float32: 33 ms against 7 ms on 2 cores), so on CPU long leaves are reduced
-    with a ``lax.scan`` over blocks. Other backends take the plain contraction.
+    The one contraction behind :func:`gramian` (``y = x``) and
+    :func:`mtl_optax.cross_gramian`. XLA's CPU backend is several times slower
+    on one long ``(K, n) @ (n, K)`` contraction than on a loop of column
+    blocks that stay in cache (10 x 1e6 float32: 33 ms against 7 ms on 2
+    cores), so on CPU long blocks are reduced with a ``lax.scan`` over column
+    blocks. Other backends take the plain contraction.
     """
     dims = (((1,), (1,)), ((), ()))
     k, n = x.shape
     if jax.default_backend() != "cpu" or n < _CPU_BLOCKED_MIN_COLUMNS:
-        return lax.dot_general(x, x, dims, preferred_element_type=dtype)
+        return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     b = _CPU_BLOCK_COLUMNS
     nblocks, rest = divmod(n, b)
 
     def body(acc, i):
-        blk = lax.dynamic_slice_in_dim(x, i * b, b, axis=1)
-        return acc + lax.dot_general(blk, blk, dims, preferred_element_type=dtype), None
+        xb = lax.dynamic_slice_in_dim(x, i * b, b, axis=1)
+        yb = lax.dynamic_slice_in_dim(y, i * b, b, axis=1)
+        return acc + lax.dot_general(xb, yb, dims, preferred_element_type=dtype), None
 
     acc, _ = lax.scan(body, jnp.zeros((k, k), dtype), jnp.arange(nblocks))
     if rest:
-        tail = x[:, nblocks * b :]
-        acc = acc + lax.dot_general(tail, tail, dims, preferred_element_type=dtype)
+        start = nblocks * b
+        acc = acc + lax.dot_general(x[:, start:], y[:, start:], dims, preferred_element_type=dtype)
     return acc
+
+
+def sum_leaf_crosses(leaves_a: list[jax.Array], leaves_b: list[jax.Array], k: int) -> jax.Array:
+    """``sum over leaves of a_leaf @ b_leaf.T`` (each leaf flattened to (K, n)).
+
+    Each pair is accumulated in the promotion of the two leaves' accumulation
+    dtypes (at least float32); the result has the promotion over all leaves.
+    Shapes and K are not checked here: callers validate first.
+    """
+    pairs = [
+        (x, y, jnp.promote_types(accumulation_dtype(x.dtype), accumulation_dtype(y.dtype)))
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    ]
+    dtype = jnp.result_type(*(acc for _, _, acc in pairs))
+    out = jnp.zeros((k, k), dtype)
+    for x, y, acc in pairs:
+        if x.size == 0:
+            continue
+        out = out + leaf_cross(x.reshape(k, -1), y.reshape(k, -1), acc).astype(dtype)
+    return out
 
 
 def gramian(task_grads: Any) -> jax.Array:
@@ -213,13 +238,7 @@ def gramian(task_grads: Any) -> jax.Array:
     """
     k = check_task_grads(task_grads, method="gramian")
     leaves = jax.tree_util.tree_leaves(task_grads)
-    dtype = jnp.result_type(*(accumulation_dtype(leaf.dtype) for leaf in leaves))
-    out = jnp.zeros((k, k), dtype)
-    for leaf in leaves:
-        if leaf.size == 0:
-            continue
-        out = out + _leaf_gramian(leaf.reshape(k, -1), accumulation_dtype(leaf.dtype)).astype(dtype)
-    return out
+    return sum_leaf_crosses(leaves, leaves, k)
 
 
 def combine(task_grads: Any, weights: jax.Array) -> Any:
