@@ -30,6 +30,7 @@ __all__ = [
     "check_task_grads",
     "check_value",
     "combine",
+    "fold_tasks",
     "gramian",
     "leaf_cross",
     "scale_rows",
@@ -39,6 +40,9 @@ __all__ = [
 
 # Up to this many tasks, sum_tasks adds the task slices one by one (see there).
 _UNROLLED_SUM_MAX_TASKS = 64
+# fold_tasks: tasks handled per fused elementwise pass (unrolled), beyond which
+# the passes run in a loop.
+_FOLD_CHUNK_TASKS = 8
 # Leaves with more columns than this take the blocked path on CPU (see leaf_cross).
 _CPU_BLOCKED_MIN_COLUMNS = 1 << 18
 _CPU_BLOCK_COLUMNS = 1 << 14
@@ -325,3 +329,47 @@ def sum_tasks(x: jax.Array) -> jax.Array:
             out = out + x[i]
         return out
     return jnp.tensordot(jnp.ones((k,), x.dtype), x, axes=1)
+
+
+def fold_tasks(fn: Any, x: jax.Array, init: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    r"""Accumulates per-task terms over the leading (task) axis in one pass.
+
+    Returns :math:`\big(a_j + \sum_k t_{k,j}\big)_j` where ``fn(x_k, k)``
+    returns the tuple of terms :math:`(t_{k,1}, t_{k,2}, \dots)` of task
+    ``k``, each of the shape of ``init``'s arrays, and :math:`a` is ``init``.
+    The terms are added in task order. Up to 8 tasks this is one fused
+    elementwise pass over the ``K`` contiguous rows; beyond that a
+    ``lax.fori_loop`` runs one such pass per chunk of 8 tasks (XLA's CPU
+    fusions slow down sharply with many operands: summing 40 rows in one
+    fusion took 110 ms against 10 ms in chunks, for ``(40, 1e6)`` float32).
+
+    Args:
+      fn: ``fn(row, k) -> tuple of arrays``; ``row`` is ``x[k]`` and ``k`` a
+        Python int or a traced int32 scalar.
+      x: an array with a leading task axis.
+      init: the initial accumulators.
+
+    Returns:
+      The accumulators, a tuple like ``init``.
+    """
+    k = x.shape[0]
+    chunk = _FOLD_CHUNK_TASKS
+    n_chunks = k // chunk if k > chunk else 0
+
+    def add(acc, row, index):
+        return tuple(a + t for a, t in zip(acc, fn(row, index), strict=True))
+
+    acc = tuple(init)
+    if n_chunks:
+        blocks = x[: n_chunks * chunk].reshape((n_chunks, chunk, *x.shape[1:]))
+
+        def body(i, acc):
+            block = lax.dynamic_index_in_dim(blocks, i, 0, keepdims=False)
+            for j in range(chunk):
+                acc = add(acc, block[j], i * chunk + j)
+            return acc
+
+        acc = lax.fori_loop(0, n_chunks, body, acc)
+    for index in range(n_chunks * chunk, k):
+        acc = add(acc, x[index], index)
+    return acc

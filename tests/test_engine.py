@@ -144,3 +144,15 @@ def test_sum_tasks_equals_sum_over_the_leading_axis(k):
     np.testing.assert_allclose(
         np.asarray(engine.sum_tasks(x)), np.asarray(x, np.float64).sum(0), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("k", [1, 8, 9, 17, 40])  # unrolled; chunks of 8 in a loop plus a remainder
+def test_fold_tasks_accumulates_each_tasks_terms_in_order(k):
+    x = jax.random.normal(jax.random.key(k), (k, 5, 3))
+    weights = jnp.arange(1.0, k + 1.0)
+    init = (jnp.full((5, 3), 2.0), jnp.zeros((5, 3)))
+    total, weighted = engine.fold_tasks(lambda row, i: (row, weights[i] * row), x, init)
+    xs = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(total), 2.0 + xs.sum(0), rtol=1e-5, atol=1e-5)
+    expected = (np.arange(1.0, k + 1.0)[:, None, None] * xs).sum(0)
+    np.testing.assert_allclose(np.asarray(weighted), expected, rtol=1e-5, atol=1e-4)

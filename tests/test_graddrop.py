@@ -50,6 +50,26 @@ def test_update_is_the_papers_masked_sum(leak):
         np.testing.assert_allclose(np.asarray(update[name]), expected.sum(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [2, 8, 9, 20])  # one fused pass; chunks of 8 plus a remainder
+@pytest.mark.parametrize("leak_kind", ["zero", "scalar", "per_task"])
+def test_summed_update_equals_the_masked_sum_for_any_k(k, leak_kind, x64):
+    leak = {"zero": 0.0, "scalar": 0.3, "per_task": list(np.linspace(0.0, 0.9, k))}[leak_kind]
+    g = jax.random.normal(jax.random.key(k), (k, 6, 50), jnp.float64)
+    g = g.at[:, 0, :].set(0.0)  # zero statistic: purity 1/2
+    g = g.at[:, 1, :].set(jnp.abs(g[:, 1, :]))  # every task positive: purity 1
+    draws = jax.random.uniform(jax.random.key(7), (6, 50), jnp.float64)
+    draws = draws.at[0, :].set(0.5)  # ties: f(P) == U drops every sign
+    f = lambda p: jnp.minimum(p, 0.5)
+    for fn in (None, f):
+        summed = apply_graddrop({"w": g}, {"w": draws}, leakage=leak, f=fn)["w"]
+        per_task = apply_graddrop({"w": g}, {"w": draws}, leakage=leak, f=fn, per_task=True)
+        expected = _expected(g, np.asarray(draws), leak, f=(lambda p: p) if fn is None else f)
+        np.testing.assert_allclose(np.asarray(per_task["w"]), expected, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(summed), expected.sum(0), rtol=1e-12, atol=1e-14)
+        if leak_kind == "zero":  # the same terms in the same order: bit for bit
+            np.testing.assert_array_equal(np.asarray(summed), np.asarray(per_task["w"]).sum(0))
+
+
 def test_without_leakage_every_coordinate_keeps_one_sign():
     grads = _grads(2, k=5)
     tx = mtl_optax.get("graddrop", key=1)
@@ -292,3 +312,24 @@ def test_registered_and_has_no_required_arguments():
     tx = mtl_optax.get("graddrop")
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     assert callable(tx.per_task.update) and callable(tx.uniforms)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_uniforms_are_uniform_on_the_24_bit_grid_and_leaves_independent(impl):
+    n = 200_001  # odd: Threefry-2x32 pairs the counters
+    grads = {"a": jnp.zeros((2, n)), "b": jnp.zeros((2, n))}
+    draws = graddrop_uniforms(jax.random.key(5, impl=impl), grads)
+    a, b = np.asarray(draws["a"], np.float64), np.asarray(draws["b"], np.float64)
+    assert a.shape == (n,) and a.dtype == np.float64 and draws["a"].dtype == jnp.float32
+    assert a.min() >= 0.0 and a.max() < 1.0
+    np.testing.assert_array_equal(a * 2**24, np.floor(a * 2**24))  # the 24-bit grid
+    # Mean 1/2 and variance 1/12 within 5 standard errors; 20 equal bins within
+    # 5 standard deviations of their binomial counts; uncorrelated leaves and neighbours.
+    assert abs(a.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
+    assert abs(a.var() - 1 / 12) < 5 * np.sqrt(1 / 180 / n)
+    counts = np.histogram(a, bins=20, range=(0.0, 1.0))[0]
+    assert np.all(np.abs(counts - n / 20) < 5 * np.sqrt(n / 20 * 0.95))
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(n)
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 5 / np.sqrt(n)
+    half = n // 2  # Threefry-2x32 hashes counters i and i + n/2 together
+    assert abs(np.corrcoef(a[:half], a[half : 2 * half])[0, 1]) < 5 / np.sqrt(half)
