@@ -34,7 +34,7 @@ Example:
   Array([2.4], dtype=float32)
 """
 
-from mtl_optax import engine, solvers
+from mtl_optax import engine, representation, solvers
 from mtl_optax._basic import (
     ConstantState,
     MeanState,
@@ -56,6 +56,7 @@ from mtl_optax._config import (
 from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
 from mtl_optax._mgda import MGDAState, mgda
+from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
 from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
@@ -69,6 +70,7 @@ from mtl_optax.base import (
 from mtl_optax.engine import check_task_grads, combine, gramian
 from mtl_optax.gradients import task_grads
 from mtl_optax.registry import available, get
+from mtl_optax.representation import RepGrad, RepGradState, rep_grad
 
 config = conflict_free  # the registered alias of conflict_free
 
@@ -92,6 +94,8 @@ __all__ = [
     "PCGradState",
     "PerTaskTransformation",
     "RLWState",
+    "RepGrad",
+    "RepGradState",
     "SDMGradState",
     "SumState",
     "WeightedTransformation",
@@ -118,8 +122,11 @@ __all__ = [
     "m_conflict_free",
     "mean",
     "mgda",
+    "mgda_ub",
     "nsgd",
     "pcgrad",
+    "rep_grad",
+    "representation",
     "rlw",
     "sdmgrad",
     "solvers",

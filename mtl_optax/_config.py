@@ -612,11 +612,13 @@ def m_conflict_free(
         mu = jax.tree.map(new_mu, updates, state.mu)
         dtype = jnp.result_type(*(x.dtype for x in jax.tree_util.tree_leaves(mu)))
         bias1 = jnp.where(counts > 0, _one_minus_power(beta_1, counts, dtype), 1.0)
-        mu_hat = jax.tree.map(
-            lambda m: m / bias1.astype(m.dtype).reshape((k,) + (1,) * (m.ndim - 1)), mu
-        )
+        # The bias-corrected momenta mu_hat_k = mu_k / bias1_k are never formed:
+        # their Gramian is D G(mu) D and their combination with omega is the
+        # combination of mu with omega / bias1 (two passes over K x P fewer).
+        gram_mu = engine.gramian(mu)
+        inv_bias1 = (1 / bias1).astype(gram_mu.dtype)
         omega = conflict_free_coefficients(
-            engine.gramian(mu_hat),
+            gram_mu * inv_bias1[:, None] * inv_bias1[None, :],
             None if pref is None else jnp.asarray(pref, dtype),
             length_model=length_model,
             track_id=track_id,
@@ -624,7 +626,7 @@ def m_conflict_free(
             rcond=rcond,
             two_task_closed_form=two_task_closed_form,
         )
-        direction = engine.combine(mu_hat, omega)
+        direction = engine.combine(mu, omega * inv_bias1.astype(omega.dtype))
         bias1_t = _one_minus_power(beta_1, count, dtype)
         bias2_t = jnp.where(ready, _one_minus_power(beta_2, count, dtype), 1.0)
 

@@ -151,6 +151,7 @@ def apply_graddrop(
     batch_axes: int | Sequence[int] | None = None,
     f: Callable[[jax.Array], jax.Array] | None = None,
     per_task: bool = False,
+    activations: Any = None,
 ) -> Any:
     r"""GradDrop with given uniform draws: the deterministic core of :func:`graddrop`.
 
@@ -175,6 +176,11 @@ def apply_graddrop(
         ``None``).
       per_task: return the ``K`` masked gradients :math:`m_k \odot g_k`
         (leading task axis kept) instead of their sum.
+      activations: ``None``, or the activation :math:`A` whose gradients
+        these are (the structure of the parameters, leaves of
+        ``param_shape``): the statistic is then :math:`S_k = \sum_b
+        \mathrm{sign}(A) \odot g_k` (the paper's); the masks still multiply
+        :math:`g_k`.
 
     Returns:
       :math:`\sum_k m_k \odot g_k` with the parameters' structure and dtypes,
@@ -200,8 +206,18 @@ def apply_graddrop(
             f"{_NAME}: the uniforms must have the tree structure of the task gradients."
             f"\n  task gradients: {treedef}\n  uniforms:       {u_def}"
         )
+    if activations is None:
+        a_leaves = [None] * len(leaves)
+    else:
+        a_leaves, a_def = jax.tree_util.tree_flatten(activations)
+        if a_def != treedef:
+            raise ValueError(
+                f"{_NAME}: activation_sign=True needs params= the activation, with the tree"
+                f" structure of the task gradients.\n  task gradients: {treedef}\n"
+                f"  params:         {a_def}"
+            )
     out = []
-    for (path, leaf), u in zip(leaves, u_leaves, strict=True):
+    for (path, leaf), u, act in zip(leaves, u_leaves, a_leaves, strict=True):
         name = _path(path)
         shape = tuple(leaf.shape)[1:]
         leaf_axes = _leaf_axes(name, len(shape), axes)
@@ -218,11 +234,18 @@ def apply_graddrop(
                 f" shape {shape} with batch axes {leaf_axes} set to 1)."
             )
         dtype = engine.accumulation_dtype(leaf.dtype)
-        if not per_task and not leaf_axes:
+        if act is not None and tuple(jnp.shape(act)) != shape:
+            raise ValueError(
+                f"{_NAME}: activation_sign=True: the activation (params) of leaf {name} has"
+                f" shape {tuple(jnp.shape(act))}; expected {shape}, the task gradients'"
+                " shape without the task axis."
+            )
+        if not per_task and not leaf_axes and act is None:
             out.append(_graddrop_sum(leaf, u, lk, f, dtype).astype(leaf.dtype))
             continue
         g = leaf.astype(dtype)
-        stat = jnp.sum(g, axis=tuple(a + 1 for a in leaf_axes), keepdims=True)
+        signed = g if act is None else g * jnp.sign(jnp.asarray(act)).astype(dtype)
+        stat = jnp.sum(signed, axis=tuple(a + 1 for a in leaf_axes), keepdims=True)
         total, mass = engine.sum_tasks(stat), engine.sum_tasks(jnp.abs(stat))
         safe = mass > 0
         ratio = jnp.where(safe, total / jnp.where(safe, mass, 1), 0)
@@ -315,6 +338,7 @@ def graddrop(
     *,
     batch_axes: int | Sequence[int] | None = None,
     f: Callable[[jax.Array], jax.Array] | None = None,
+    activation_sign: bool = False,
 ) -> GradDropTransformation:
     r"""Gradient sign dropout: keeps, per coordinate, the gradients of one sign.
 
@@ -363,6 +387,15 @@ def graddrop(
       f: the paper's monotonically increasing map
         :math:`f: [0, 1] \to [0, 1]` applied to :math:`P` (as TorchJD's
         ``f``); identity when ``None``.
+      activation_sign: the paper's statistic for the gradients of an
+        activation :math:`A` (a shared representation): :math:`S_k =
+        \sum_b \mathrm{sign}(A) \odot g_k` (summed over ``batch_axes``),
+        as LibMTL's ``GradDrop`` with ``rep_grad=True``. The activation is
+        read from ``params=`` of the update, which :func:`mtl_optax.rep_grad`
+        sets to the representation: ``mtl_optax.rep_grad(graddrop(
+        batch_axes=0, activation_sign=True), encoder, heads)``. The masks
+        multiply the gradients :math:`g_k` themselves. ``False`` (default):
+        :math:`S_k = \sum_b g_k`, vambn's batched statistic.
 
     Returns:
       A :class:`GradDropTransformation`: an optax transformation with
@@ -410,14 +443,11 @@ def graddrop(
         vambn's numbers are reproduced with ``f=lambda p: jnp.minimum(p, 0.5)``.
       * The paper (and LibMTL) compute the batch-separated statistic of an
         activation :math:`A` as :math:`\sum_b \mathrm{sign}(A) \odot
-        \nabla_A L_k`; vambn drops the sign in its batched branch, and
-        ``batch_axes`` does the same. The paper's form is obtained by passing
-        :math:`\mathrm{sign}(A) \odot \nabla_A L_k` and multiplying the update
-        by :math:`\mathrm{sign}(A)` (exact wherever :math:`A \neq 0`).
-        vambn's unbatched branch, whose statistic is :math:`\mathrm{sign}(A)
-        \odot g_k` for a ``[K, D]`` input, is reproduced the same way;
-        representation-level methods are otherwise out of this function's
-        scope.
+        \nabla_A L_k` (``activation_sign=True``); vambn drops the sign in its
+        batched branch (``activation_sign=False``, the default, with
+        ``batch_axes``). vambn's unbatched branch, whose statistic is
+        :math:`\mathrm{sign}(A) \odot g_k` for a ``[K, D]`` input, is
+        ``activation_sign=True`` without ``batch_axes``.
       * The mask is exactly 1 or :math:`\ell_k` (TorchJD's
         :math:`\ell + (1 - \ell) \cdot 1` may differ from 1 by an ulp; the
         original impartial-vaes code stores the leakage in float32).
@@ -446,7 +476,20 @@ def graddrop(
             u = graddrop_uniforms(draw_key, updates, batch_axes=axes)
         else:
             u = graddrop_uniforms_
-        out = apply_graddrop(updates, u, leakage=lk, batch_axes=axes, f=f, per_task=per_task)
+        if activation_sign and params is None:
+            raise ValueError(
+                f"{_NAME}: activation_sign=True needs params= the activation A whose"
+                " gradients are given (mtl_optax.rep_grad passes it)."
+            )
+        out = apply_graddrop(
+            updates,
+            u,
+            leakage=lk,
+            batch_axes=axes,
+            f=f,
+            per_task=per_task,
+            activations=params if activation_sign else None,
+        )
         return out, GradDropState(key=next_key)
 
     def update_fn(

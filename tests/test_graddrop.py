@@ -333,3 +333,28 @@ def test_uniforms_are_uniform_on_the_24_bit_grid_and_leaves_independent(impl):
     assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 5 / np.sqrt(n)
     half = n // 2  # Threefry-2x32 hashes counters i and i + n/2 together
     assert abs(np.corrcoef(a[:half], a[half : 2 * half])[0, 1]) < 5 / np.sqrt(half)
+
+
+def test_activation_sign_flips_the_statistic_where_the_activation_is_negative(x64):
+    g = jax.random.normal(jax.random.key(0), (3, 4, 6), jnp.float64)
+    a = jax.random.normal(jax.random.key(1), (4, 6), jnp.float64)
+    draws = jax.random.uniform(jax.random.key(2), (1, 6), jnp.float64)
+    tx = mtl_optax.graddrop(leakage=0.1, batch_axes=0, activation_sign=True)
+    out, _ = tx.per_task.update({"z": g}, tx.init(None), {"z": a}, graddrop_uniforms={"z": draws})
+    # The paper's statistic S_k = sum_b sign(A) g_k decides the masks; they multiply g_k.
+    stat = np.sum(np.sign(np.asarray(a)) * np.asarray(g), axis=1)  # [K, 6]
+    mask = _expected(stat, np.asarray(draws)[0], 0.1) / np.where(stat == 0, 1.0, stat)
+    np.testing.assert_allclose(np.asarray(out["z"]), mask[:, None, :] * np.asarray(g), rtol=1e-12)
+    summed, _ = tx.update({"z": g}, tx.init(None), {"z": a}, graddrop_uniforms={"z": draws})
+    np.testing.assert_allclose(np.asarray(summed["z"]), np.asarray(out["z"]).sum(0), rtol=1e-12)
+
+
+def test_activation_sign_needs_the_activation_as_params():
+    tx = mtl_optax.graddrop(activation_sign=True)
+    g = {"z": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match="activation_sign=True needs params="):
+        tx.update(g, tx.init(None))
+    with pytest.raises(ValueError, match=r"leaf \['z'\] has shape \(2, 3\); expected \(2, 4\)"):
+        tx.update(g, tx.init(None), {"z": jnp.ones(4)})
+    with pytest.raises(ValueError, match=r"activation \(params\) of leaf \['z'\] has shape \(4,\)"):
+        apply_graddrop(g, {"z": jnp.zeros(3)}, activations={"z": jnp.ones(4)})

@@ -466,25 +466,28 @@ def test_vambn_clamp_drops_agreeing_positive_gradients(x64, vambn):
 
 
 @pytest.mark.parametrize("gid", ["gdu0_K2_D16", "gdu1_K3_D5", "gdu2_K5_D64"])
-def test_vambn_unbatched_branch_via_input_signs(x64, vambn, gid):
-    """vambn's unbatched statistic ``sign(x) g_k``: feed ``sign(x) g``, multiply by ``sign(x)``.
+def test_vambn_unbatched_branch_is_activation_sign(x64, vambn, gid):
+    """vambn's unbatched statistic ``sign(x) g_k`` is ``activation_sign=True`` with ``params=x``.
 
-    Exact on every feature with ``x != 0``; at ``x = 0`` vambn's statistic is 0
-    and it returns ``leakage * g`` while this recipe returns 0.
+    Exact on every feature, including ``x = 0`` (statistic 0: every task keeps
+    ``leakage * g``), and the same through the summed update.
     """
     p = f"graddrop_unbatched.{gid}."
     grads, x, leak, draws, out = (vambn[p + n] for n in ("grads", "inputs", "leakage", "u", "out"))
-    sign = np.sign(x)
-    tx = mtl_optax.get("graddrop", leakage=leak, f=_vambn_clamp)
-    ours, _ = tx.per_task.update(
-        {"z": jnp.asarray(sign * grads)}, tx.init(None), graddrop_uniforms={"z": draws}
+    assert (x == 0).sum() >= 1
+    tx = mtl_optax.get("graddrop", leakage=leak, f=_vambn_clamp, activation_sign=True)
+    params = {"z": jnp.asarray(x)}
+    g = {"z": jnp.asarray(grads)}
+    ours, _ = tx.per_task.update(g, tx.init(params), params, graddrop_uniforms={"z": draws})
+    _assert_close_to_out(np.asarray(ours["z"]), out, grads)
+    summed, _ = tx.update(g, tx.init(params), params, graddrop_uniforms={"z": draws})
+    np.testing.assert_allclose(
+        np.asarray(summed["z"]), out.sum(0), rtol=0, atol=1e-13 * np.abs(grads).max()
     )
-    ours = sign * np.asarray(ours["z"])
-    nz = x != 0
-    assert (~nz).sum() >= 1
-    _assert_close_to_out(ours[:, nz], out[:, nz], grads)
-    np.testing.assert_array_equal(ours[:, ~nz], 0.0)
-    np.testing.assert_allclose(out[:, ~nz], leak[:, None] * grads[:, ~nz], rtol=1e-15)
+    # Without the activation's sign the statistic differs wherever x < 0.
+    plain = mtl_optax.get("graddrop", leakage=leak, f=_vambn_clamp)
+    other, _ = plain.per_task.update(g, plain.init(params), params, graddrop_uniforms={"z": draws})
+    assert not np.allclose(np.asarray(other["z"]), out, rtol=1e-10, atol=0)
 
 
 # ---------------------------------------------------------------------------
