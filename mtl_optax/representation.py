@@ -119,7 +119,10 @@ def rep_grad(
         task gradients: ``mtl_optax.mgda_ub()``, ``mtl_optax.graddrop(
         batch_axes=0)``, ``mtl_optax.compose(...)``, ``mtl_optax.mean()``...
         Its update must have the structure and shapes of ``z``.
-      encoder_fn: ``encoder_fn(encoder_params, *batch) -> z``.
+      encoder_fn: ``encoder_fn(encoder_params, *batch) -> z``. For Flax, a
+        Linen module's ``apply`` (``lambda p, x: encoder.apply(p, x)``) or an
+        NNX module through ``graphdef, params = nnx.split(encoder)`` and
+        ``lambda p, x: nnx.merge(graphdef, p)(x)``; the same for the heads.
       heads_fn: ``heads_fn(heads_params, z, *batch) -> losses`` of shape
         ``[K]``, or ``(losses, aux)`` when ``has_aux``.
       rescale: ``"none"`` (default; LibMTL) or ``"sum_norm"`` (vambn's

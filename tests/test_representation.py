@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import doctest
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -384,3 +385,41 @@ def test_docstring_examples_run():
     for module in (representation, _mgda_ub):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_flax_nnx_encoder_and_heads_through_split_and_merge():
+    """NNX modules plug in through ``nnx.split`` / ``nnx.merge`` (pure functions of their state)."""
+    nnx = pytest.importorskip("flax.nnx")
+    encoder = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
+    heads = nnx.Linear(5, 2, rngs=nnx.Rngs(1))  # column k is task k's head
+    enc_def, enc_params = nnx.split(encoder)
+    heads_def, heads_params = nnx.split(heads)
+    x = jax.random.normal(jax.random.key(2), (8, 3))
+    y = jax.random.normal(jax.random.key(3), (8, 2))
+
+    def encoder_fn(p, x, y):
+        del y
+        return jnp.tanh(nnx.merge(enc_def, p)(x))
+
+    def heads_fn(p, z, x, y):
+        del x
+        return jnp.mean((nnx.merge(heads_def, p)(z) - y) ** 2, axis=0)
+
+    rg = mtl_optax.rep_grad(mtl_optax.mean(), encoder_fn, heads_fn)
+    losses, grads, _ = jax.jit(rg.step)(rg.init(enc_params, x, y), enc_params, heads_params, x, y)
+
+    def total(enc_p, heads_p, reduce):
+        return reduce(heads_fn(heads_p, encoder_fn(enc_p, x, y), x, y))
+
+    # mean of the representation gradients: the encoder gets grad of the mean loss,
+    # the heads get grad of the summed loss.
+    expected = jax.grad(total)(enc_params, heads_params, jnp.mean)
+    chex.assert_trees_all_close(grads["encoder"], expected, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(
+        grads["heads"],
+        jax.grad(total, argnums=1)(enc_params, heads_params, jnp.sum),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    nnx.update(encoder, jax.tree.map(lambda p, g: p - 0.1 * g, enc_params, grads["encoder"]))
+    assert losses.shape == (2,)
