@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -101,7 +103,61 @@ def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
                 refs["conflictfree"] = cf.IMTLGOperator().calculate_gradient
         except ImportError:
             pass
+        refs.update(libmtl_references(name, k))
     return refs
+
+
+# LibMTL 1.1.5 weightings that act on the stacked task gradients of the shared
+# parameters (with rep_grad=False), and their arguments at our defaults. EW and
+# RLW only weight the losses before one backward pass, GradDrop needs
+# rep_grad=True and GradNorm its trainer's loss history: not timed on a matrix.
+_LIBMTL = {
+    "mgda": ("MGDA", {"mgda_gn": "none"}),
+    "pcgrad": ("PCGrad", {}),
+    "gradvac": ("GradVac", {"beta": 0.5}),
+    "imtl_g": ("IMTL", {}),
+    "cagrad": ("CAGrad", {"calpha": 0.5, "rescale": 1}),  # LibMTL hard-codes K = 3
+}
+
+
+def libmtl_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
+    """LibMTL's weighting on a given J: ``J_torch -> aggregated vector``.
+
+    LibMTL's weightings compute the task gradients of the model's shared
+    parameters inside ``backward`` (``_get_grads`` / ``_compute_grad``) and
+    write the result into their ``.grad`` (``_reset_grad``). Here those three
+    hooks are replaced so that ``backward`` receives J itself and returns the
+    combined vector: the time is LibMTL's method on J, without the K backward
+    passes that produce J in training. LibMTL imports torchvision at import
+    time; it is stubbed as in ``tests/parity/conftest.py``.
+    """
+    if name not in _LIBMTL or (name == "cagrad" and k != 3):
+        return {}
+    try:
+        import torch
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+        from tests.parity.conftest import import_libmtl
+
+        libmtl = import_libmtl()
+    except Exception:  # LibMTL (or torch) not installed: no LibMTL column
+        return {}
+    cls_name, kwargs = _LIBMTL[name]
+    weighting = getattr(libmtl.weighting, cls_name)()
+    weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", False
+    weighting.init_param()
+    losses = torch.linspace(0.5, 2.0, k)
+    out: dict[str, Any] = {}
+
+    def run(J: Any) -> Any:
+        weighting._compute_grad_dim = lambda: None
+        weighting._compute_grad = lambda losses, mode, rep_grad=False: J
+        weighting._get_grads = lambda losses, mode="backward": J
+        weighting._reset_grad = lambda new_grads: out.__setitem__("update", new_grads)
+        weighting.backward(losses, **kwargs)
+        return out["update"]
+
+    return {"libmtl": run}
 
 
 def floor_fn(J: jax.Array) -> jax.Array:

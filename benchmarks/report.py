@@ -4,9 +4,14 @@ Prints the full table (as ``bench_methods.py`` prints it) and a table of the
 rows that miss a target: ``jax / floor > 1.5`` at ``P >= 1e6``, or a PyTorch
 reference faster than mtl_optax.
 
+With ``--png FILE`` it also draws the times against P (one panel per K) and
+against K (at the largest P), with the engine floor, into FILE (needs
+matplotlib, in the ``examples`` extra).
+
 Usage::
 
   python benchmarks/report.py results_cpu/bench_methods_2026-11-21.json
+  python benchmarks/report.py results_cpu/bench_methods_2026-11-21.json --png times.png
 """
 
 from __future__ import annotations
@@ -33,9 +38,53 @@ def misses(row: dict) -> list[str]:
     return out
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Time against P for each K, and against K at the largest P, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    ks = sorted({r["K"] for r in rows})
+    ps = sorted({r["P"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    cmap = plt.get_cmap("tab20")
+    colors = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.2 * (len(ks) + 1), 4.2), squeeze=False)
+    axes = axes[0]
+
+    def series(x_key, fixed_key, fixed, method=None, key="jax_ms"):
+        sel = [
+            r for r in rows if r[fixed_key] == fixed and (method is None or r["method"] == method)
+        ]
+        pts = sorted({(r[x_key], r[key]) for r in sel})
+        return [x for x, _ in pts], [y for _, y in pts]
+
+    for ax, k in zip(axes[:-1], ks, strict=False):
+        for m in methods:
+            ax.plot(*series("P", "K", k, m), marker="o", ms=3, lw=1, color=colors[m], label=m)
+        ax.plot(*series("P", "K", k, methods[0], "floor_ms"), "k--", lw=2, label="engine floor")
+        ax.set(xscale="log", yscale="log", xlabel="P (parameters)", ylabel="ms", title=f"K = {k}")
+    p_max = ps[-1]
+    ax = axes[-1]
+    for m in methods:
+        ax.plot(*series("K", "P", p_max, m), marker="o", ms=3, lw=1, color=colors[m], label=m)
+    ax.plot(*series("K", "P", p_max, methods[0], "floor_ms"), "k--", lw=2, label="engine floor")
+    ax.set(xscale="log", yscale="log", xlabel="K (tasks)", ylabel="ms", title=f"P = {p_max:.0e}")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("json_file")
+    parser.add_argument("--png", help="also draw the times into this PNG file")
     args = parser.parse_args()
     with open(args.json_file, encoding="utf-8") as f:
         rows = json.load(f)
@@ -48,6 +97,8 @@ def main() -> None:
             print(
                 f"| {row['method']} | {row['K']} | {row['P']:.0e} | {row['jax_ms']:.2f} | {'; '.join(m)} |"
             )
+    if args.png:
+        plot(rows, args.png)
 
 
 if __name__ == "__main__":

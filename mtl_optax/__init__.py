@@ -74,6 +74,19 @@ from mtl_optax.representation import RepGrad, RepGradState, rep_grad
 
 config = conflict_free  # the registered alias of conflict_free
 
+# RotoGrad needs flax (the `flax` extra): its submodule and NNX modules are
+# imported on first use, so `import mtl_optax` does not import flax.
+_LAZY_ROTOGRAD = ("RotateOnly", "RotoGrad", "RotoGradNorm")
+
+
+def __getattr__(name: str):
+    if name == "rotograd" or name in _LAZY_ROTOGRAD:
+        import importlib
+
+        module = importlib.import_module("mtl_optax.rotograd")
+        return module if name == "rotograd" else getattr(module, name)
+    raise AttributeError(f"module 'mtl_optax' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
