@@ -11,6 +11,7 @@ matplotlib, in the ``examples`` extra).
 Usage::
 
   python benchmarks/report.py results_cpu/bench_methods_2026-11-21.json
+  python benchmarks/report.py old.json new_rows.json   # new rows replace old ones
   python benchmarks/report.py results_cpu/bench_methods_2026-11-21.json --png times.png
 """
 
@@ -83,11 +84,20 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("json_file")
+    parser.add_argument(
+        "json_files",
+        nargs="+",
+        help="JSON rows of bench_methods.py; a row of a later file replaces the row of the"
+        " same (method, K, P) of an earlier one (each row is one run's side-by-side timing)",
+    )
     parser.add_argument("--png", help="also draw the times into this PNG file")
     args = parser.parse_args()
-    with open(args.json_file, encoding="utf-8") as f:
-        rows = json.load(f)
+    merged: dict[tuple, dict] = {}
+    for name in args.json_files:
+        with open(name, encoding="utf-8") as f:
+            for row in json.load(f):
+                merged[(row["method"], row["K"], row["P"])] = row
+    rows = sorted(merged.values(), key=lambda r: (r["P"], r["K"], r["method"]))
     print(HEADER)
     for row in rows:
         print(_format_row(row))
