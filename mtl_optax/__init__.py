@@ -34,7 +34,7 @@ Example:
   Array([2.4], dtype=float32)
 """
 
-from mtl_optax import engine, representation, solvers
+from mtl_optax import engine, lean, representation, solvers
 from mtl_optax._basic import (
     ConstantState,
     MeanState,
@@ -132,6 +132,7 @@ __all__ = [
     "gramian",
     "identity",
     "imtl_g",
+    "lean",
     "m_conflict_free",
     "mean",
     "mgda",
