@@ -34,7 +34,7 @@ Example:
   Array([2.4], dtype=float32)
 """
 
-from mtl_optax import engine, lean, representation, solvers
+from mtl_optax import checkpoint, engine, lean, representation, solvers
 from mtl_optax._basic import (
     ConstantState,
     MeanState,
@@ -57,6 +57,7 @@ from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
 from mtl_optax._mgda import MGDAState, mgda
 from mtl_optax._mgda_ub import mgda_ub
+from mtl_optax._nonfinite import ApplyIfFiniteState, apply_if_finite
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
 from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
@@ -87,9 +88,11 @@ def __getattr__(name: str):
         return module if name == "rotograd" else getattr(module, name)
     raise AttributeError(f"module 'mtl_optax' has no attribute {name!r}")
 
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyIfFiniteState",
     "CAGradState",
     "ComposedTransformation",
     "ConflictFreeState",
@@ -114,9 +117,11 @@ __all__ = [
     "WeightedTransformation",
     "Weighting",
     "WeightingFn",
+    "apply_if_finite",
     "available",
     "cagrad",
     "check_task_grads",
+    "checkpoint",
     "combine",
     "compose",
     "config",

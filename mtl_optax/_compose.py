@@ -225,7 +225,9 @@ def compose(
         return tuple(form.init(params) for form in forms)
 
     def run(updates, state, params, value, extra_args):
-        engine.check_task_grads(updates, params, num_tasks=num_tasks, method="compose")
+        k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method="compose")
+        if value is not None:
+            value = engine.check_value(value, k, method="compose")
         if not isinstance(state, tuple) or len(state) != len(forms):
             raise ValueError(
                 f"compose: the state must be the tuple of the {len(forms)} methods'"

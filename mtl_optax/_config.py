@@ -575,8 +575,11 @@ def m_conflict_free(
             raise ValueError(f"{method}: init needs the params (the momenta take their shapes).")
 
         def zeros(p, lead=()):
+            # zeros_like keeps the parameters' sharding (a sharded mesh with
+            # Explicit axes refuses to mix sharded and replicated operands).
             p = jnp.asarray(p)
-            return jnp.zeros(lead + p.shape, engine.accumulation_dtype(p.dtype))
+            z = jnp.zeros_like(p, dtype=engine.accumulation_dtype(p.dtype))
+            return jnp.broadcast_to(z, lead + p.shape) if lead else z
 
         return MConflictFreeState(
             mu=jax.tree.map(lambda p: zeros(p, (k,)), params),
@@ -596,8 +599,10 @@ def m_conflict_free(
         task_indices: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, MConflictFreeState]:
-        del extra_args
         engine.check_task_grads(updates, params, num_tasks=k, method=method)
+        if extra_args.get("value") is not None:  # not read, but checked like elsewhere
+            engine.check_value(extra_args["value"], k, method=method)
+        del extra_args
         if params is None:  # check against the state's shapes (those of the params).
             engine.check_task_grads(updates, state.nu, num_tasks=k, method=method)
         mask = _task_mask(task_mask, task_indices, k)

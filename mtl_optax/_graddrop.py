@@ -469,8 +469,10 @@ def graddrop(
     def uniforms_fn(task_grads: Any, state: GradDropState) -> Any:
         return graddrop_uniforms(jax.random.split(state.key)[1], task_grads, batch_axes=axes)
 
-    def step(updates, state, params, graddrop_uniforms_, per_task):
-        engine.check_task_grads(updates, params, num_tasks=num_tasks, method=_NAME)
+    def step(updates, state, params, graddrop_uniforms_, per_task, value=None):
+        k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method=_NAME)
+        if value is not None:  # not read, but a mis-shaped value is a caller's bug
+            engine.check_value(value, k, method=_NAME)
         next_key, draw_key = jax.random.split(state.key)
         if graddrop_uniforms_ is None:
             u = graddrop_uniforms(draw_key, updates, batch_axes=axes)
@@ -501,8 +503,8 @@ def graddrop(
         graddrop_uniforms: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, GradDropState]:
-        del value, extra_args
-        return step(updates, state, params, graddrop_uniforms, per_task=False)
+        del extra_args
+        return step(updates, state, params, graddrop_uniforms, per_task=False, value=value)
 
     def per_task_update_fn(
         updates: Any,
@@ -513,8 +515,8 @@ def graddrop(
         graddrop_uniforms: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, GradDropState]:
-        del value, extra_args
-        return step(updates, state, params, graddrop_uniforms, per_task=True)
+        del extra_args
+        return step(updates, state, params, graddrop_uniforms, per_task=True, value=value)
 
     tx = GradDropTransformation(init_fn, update_fn)
     tx.per_task = PerTaskTransformation(_NAME, init_fn, per_task_update_fn)

@@ -299,7 +299,10 @@ def gradnorm(
     negative losses), where the references give NaN for non-integer
     :math:`\alpha`. :math:`c = \max(e^\theta, 10^{-5})` is computed as
     :math:`e^{\max(\theta, \ln 10^{-5})}` and normalised as a softmax, which
-    cannot overflow for large :math:`\theta`.
+    cannot overflow for large :math:`\theta`. A non-finite value (loss or
+    gradient norm) makes the update NaN, whatever the task gradients, so that
+    ``optax.apply_if_finite`` skips the step instead of keeping a finite update
+    whose new state is NaN.
     """
     k = _check_num_tasks(num_tasks, "gradnorm")
     update_at = _check_update_at(update_at, "gradnorm")
@@ -361,7 +364,10 @@ def gradnorm(
             opt_state=opt_state,
             weights=w.astype(jnp.float32),
         )
-        return w, new_state
+        # w comes from the state's logits, not from the values: a non-finite
+        # value would give a finite update and a NaN state. Make the update NaN
+        # then, so that optax.apply_if_finite skips the step and keeps the state.
+        return jnp.where(jnp.all(jnp.isfinite(v)), w, jnp.nan), new_state
 
     return from_weighting(
         Weighting(

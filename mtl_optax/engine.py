@@ -167,18 +167,75 @@ def check_value(value: Any, num_tasks: int, *, method: str = "mtl_optax") -> jax
     return value
 
 
+def _sharding(x: jax.Array) -> Any:
+    """The sharding in ``x``'s type (``jax.typeof``, JAX 0.6+), or ``None``."""
+    typeof = getattr(jax, "typeof", None)
+    return None if typeof is None else getattr(typeof(x), "sharding", None)
+
+
+def _partitioned_by_xla(x: jax.Array) -> bool:
+    """Whether ``x`` is traced over a multi-device mesh that XLA partitions.
+
+    True inside ``jax.jit`` when the inputs carry a ``NamedSharding`` over a
+    mesh of more than one device (``Auto`` or ``Explicit`` axes); False on one
+    device and inside ``shard_map`` (every axis ``Manual``: the arrays are the
+    local shards).
+    """
+    mesh = getattr(_sharding(x), "mesh", None)
+    if mesh is None or mesh.empty or mesh.size <= 1:
+        return False
+    return any(t != jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
+def _replicated_out_sharding(x: jax.Array, y: jax.Array) -> Any:
+    """``out_sharding`` for a contraction over the non-task axes of ``x`` and ``y``.
+
+    With ``Explicit`` mesh axes, JAX refuses a ``dot_general`` whose contracting
+    axes are sharded unless told the output's sharding; the small ``K x K``
+    result is replicated (XLA reduces the per-device partial products with one
+    all-reduce). ``None`` (let JAX decide) in every other case.
+    """
+    for a in (x, y):
+        sharding = _sharding(a)
+        spec = getattr(sharding, "spec", None)
+        if spec is not None and any(entry is not None for entry in tuple(spec)[1:]):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
 def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
-    """``x @ y.T`` for two (K, n) blocks, accumulated in ``dtype``.
+    """``x @ y.T`` for two ``(K, ...)`` leaves of one shape, contracted over all but the task axis.
 
     The one contraction behind :func:`gramian` (``y = x``) and
-    :func:`mtl_optax.cross_gramian`. XLA's CPU backend is several times slower
-    on one long ``(K, n) @ (n, K)`` contraction than on a loop of column
-    blocks that stay in cache (10 x 1e6 float32: 33 ms against 7 ms on 2
-    cores), so on CPU long blocks are reduced with a ``lax.scan`` over column
-    blocks. Other backends take the plain contraction.
+    :func:`mtl_optax.cross_gramian`, accumulated in ``dtype``. XLA's CPU
+    backend is several times slower on one long ``(K, n) @ (n, K)`` contraction
+    than on a loop of column blocks that stay in cache (10 x 1e6 float32: 33 ms
+    against 7 ms on 2 cores), so on CPU long blocks are reduced with a
+    ``lax.scan`` over column blocks. Other backends take the plain
+    contraction.
+
+    Sharded leaves (traced over a multi-device mesh, see
+    :func:`_partitioned_by_xla`) always take the plain contraction over the
+    leaf's own axes: XLA partitions it into one local contraction per device
+    and an all-reduce of the ``K x K`` partial sums, whereas the blocked loop's
+    ``dynamic_slice`` over a sharded axis would make XLA gather the whole leaf
+    onto every device. The leaf is not reshaped to ``(K, n)`` on that path,
+    since merging a sharded axis with others is not always expressible with
+    ``Explicit`` mesh axes.
     """
+    if _partitioned_by_xla(x) or _partitioned_by_xla(y):
+        axes = tuple(range(1, x.ndim))
+        out_sharding = _replicated_out_sharding(x, y)
+        extra = {} if out_sharding is None else {"out_sharding": out_sharding}
+        return lax.dot_general(
+            x, y, ((axes, axes), ((), ())), preferred_element_type=dtype, **extra
+        )
+    # Unsharded: one (K, n) block (on CPU, faster than contracting the leaf's
+    # own axes: 3.0 ms against 4.1 ms for 10 x 400 x 500 float32).
+    k = x.shape[0]
+    x, y = x.reshape(k, -1), y.reshape(k, -1)
+    n = x.shape[1]
     dims = (((1,), (1,)), ((), ()))
-    k, n = x.shape
     if jax.default_backend() != "cpu" or n < _CPU_BLOCKED_MIN_COLUMNS:
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     b = _CPU_BLOCK_COLUMNS
@@ -197,7 +254,7 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
 
 
 def sum_leaf_crosses(leaves_a: list[jax.Array], leaves_b: list[jax.Array], k: int) -> jax.Array:
-    """``sum over leaves of a_leaf @ b_leaf.T`` (each leaf flattened to (K, n)).
+    """``sum over leaves of a_leaf @ b_leaf.T`` (each leaf contracted over its non-task axes).
 
     Each pair is accumulated in the promotion of the two leaves' accumulation
     dtypes (at least float32); the result has the promotion over all leaves.
@@ -212,7 +269,7 @@ def sum_leaf_crosses(leaves_a: list[jax.Array], leaves_b: list[jax.Array], k: in
     for x, y, acc in pairs:
         if x.size == 0:
             continue
-        out = out + leaf_cross(x.reshape(k, -1), y.reshape(k, -1), acc).astype(dtype)
+        out = out + leaf_cross(x, y, acc).astype(dtype)
     return out
 
 
