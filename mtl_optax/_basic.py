@@ -254,7 +254,7 @@ def rlw(key: jax.Array | int = 0, num_tasks: int | None = None) -> WeightedTrans
     return from_weighting(
         Weighting(
             name="rlw",
-            init=lambda: RLWState(weights=initial_weights(num_tasks), key=base_key),
+            init=lambda: RLWState(weights=initial_weights(num_tasks), key=jnp.copy(base_key)),
             weights=weights,
             num_tasks=num_tasks,
             needs_gramian=False,

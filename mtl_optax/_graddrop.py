@@ -464,7 +464,7 @@ def graddrop(
 
     def init_fn(params: Any) -> GradDropState:
         del params
-        return GradDropState(key=base_key)
+        return GradDropState(key=jnp.copy(base_key))
 
     def uniforms_fn(task_grads: Any, state: GradDropState) -> Any:
         return graddrop_uniforms(jax.random.split(state.key)[1], task_grads, batch_axes=axes)

@@ -304,7 +304,7 @@ def pcgrad(
 
     return _transformation(
         "pcgrad",
-        lambda: PCGradState(weights=initial_weights(num_tasks), key=base_key),
+        lambda: PCGradState(weights=initial_weights(num_tasks), key=jnp.copy(base_key)),
         rule,
         num_tasks,
     )
@@ -500,7 +500,7 @@ def gradvac(
         return GradVacState(
             weights=initial_weights(num_tasks),
             phi_hat=jnp.zeros((num_tasks, num_tasks), phi_dtype),
-            key=base_key,
+            key=jnp.copy(base_key),
         )
 
     def rule(gram, state, *, num_tasks, dtype):

@@ -128,3 +128,15 @@ def test_jit_and_eager_agree_in_a_chain_with_adam(name):
         return p
 
     chex.assert_trees_all_close(run(jax.jit(opt.update)), run(opt.update), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rlw", "pcgrad", "gradvac", "graddrop"])
+def test_init_survives_a_step_that_donates_the_state(name):
+    """Random methods copy their key in ``init``: donating a state must not delete it."""
+    tx = mtl_optax.get(name, key=3, num_tasks=2)
+    params = {"w": jnp.zeros(3)}
+    step = jax.jit(lambda g, s: tx.update(g, s, params)[1], donate_argnums=1)
+    g = {"w": jnp.ones((2, 3))}
+    step(g, tx.init(params))
+    state = tx.init(params)  # the factory's key is still alive
+    assert jax.random.key_data(jax.tree.leaves(state)[-1]).shape == (2,)
