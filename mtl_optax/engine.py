@@ -256,20 +256,22 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
 def sum_leaf_crosses(leaves_a: list[jax.Array], leaves_b: list[jax.Array], k: int) -> jax.Array:
     """``sum over leaves of a_leaf @ b_leaf.T`` (each leaf contracted over its non-task axes).
 
-    Each pair is accumulated in the promotion of the two leaves' accumulation
-    dtypes (at least float32); the result has the promotion over all leaves.
+    Every pair is accumulated in the result's dtype: the promotion of all the
+    leaves' accumulation dtypes (at least float32). So in a tree that mixes
+    float64 and float32 leaves, the float32 leaves' products are summed in
+    float64 too (a float32 sum of squares overflows from about 1e19).
     Shapes and K are not checked here: callers validate first.
     """
-    pairs = [
-        (x, y, jnp.promote_types(accumulation_dtype(x.dtype), accumulation_dtype(y.dtype)))
-        for x, y in zip(leaves_a, leaves_b, strict=True)
-    ]
-    dtype = jnp.result_type(*(acc for _, _, acc in pairs))
+    pairs = list(zip(leaves_a, leaves_b, strict=True))
+    dtype = jnp.result_type(
+        *(accumulation_dtype(x.dtype) for x, _ in pairs),
+        *(accumulation_dtype(y.dtype) for _, y in pairs),
+    )
     out = jnp.zeros((k, k), dtype)
-    for x, y, acc in pairs:
+    for x, y in pairs:
         if x.size == 0:
             continue
-        out = out + leaf_cross(x, y, acc).astype(dtype)
+        out = out + leaf_cross(x, y, dtype)
     return out
 
 
@@ -280,9 +282,10 @@ def gramian(task_grads: Any) -> jax.Array:
       G_{kl} = \langle g_k, g_l \rangle = \sum_{\text{leaves}} \sum_i
       g_{k,i}\, g_{l,i}
 
-    computed in one pass over the leaves. Each leaf is accumulated in
-    ``promote_types(leaf.dtype, float32)``: bfloat16 and float16 leaves are
-    multiplied with float32 accumulation, float64 leaves stay float64.
+    computed in one pass over the leaves, accumulated in the promotion of
+    ``float32`` and every leaf's dtype: bfloat16 and float16 leaves are
+    multiplied with float32 accumulation; if any leaf is float64, every leaf
+    is accumulated in float64.
 
     Args:
       task_grads: pytree whose leaves have a leading task axis ``K``.

@@ -156,3 +156,13 @@ def test_fold_tasks_accumulates_each_tasks_terms_in_order(k):
     np.testing.assert_allclose(np.asarray(total), 2.0 + xs.sum(0), rtol=1e-5, atol=1e-5)
     expected = (np.arange(1.0, k + 1.0)[:, None, None] * xs).sum(0)
     np.testing.assert_allclose(np.asarray(weighted), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_mixed_float32_float64_tree_accumulates_in_float64(x64):
+    # A float32 leaf of magnitude 1e20: its squares overflow float32 (max ~3.4e38), not float64.
+    big = jnp.full((2, 3), 1e20, jnp.float32).at[1].multiply(-1)
+    tree = {"a": big, "b": jnp.ones((2, 4), jnp.float64)}
+    g = mtl_optax.gramian(tree)
+    assert g.dtype == jnp.float64 and bool(jnp.all(jnp.isfinite(g)))
+    expected = np.asarray(big, np.float64) @ np.asarray(big, np.float64).T + 4.0
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-12)
