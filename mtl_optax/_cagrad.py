@@ -29,6 +29,7 @@ from mtl_optax.base import (
     Weighting,
     from_weighting,
     initial_weights,
+    is_traced,
 )
 from mtl_optax.registry import register
 
@@ -381,8 +382,10 @@ def cagrad(
         differentiating the update treats :math:`w^\star` as a constant.
         TorchJD's CAGrad is not differentiable at all.
     """
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"cagrad: alpha must be a finite number >= 0; got {alpha!r}.")
+    if not is_traced(alpha):
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"cagrad: alpha must be a finite number >= 0; got {alpha!r}.")
+        alpha = float(alpha)
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad: rescale must be 0, 1 or 2; got {rescale!r}.")
     for name, val in (("eps", eps), ("norm_eps", norm_eps)):
@@ -392,7 +395,7 @@ def cagrad(
         raise ValueError(f"cagrad: max_iter must be an integer >= 1; got {max_iter!r}.")
     if tol is not None and not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"cagrad: tol must be None or a finite number > 0; got {tol!r}.")
-    alpha, eps, norm_eps = float(alpha), float(eps), float(norm_eps)
+    eps, norm_eps = float(eps), float(norm_eps)
     tol = None if tol is None else float(tol)
     options = dict(
         alpha=alpha,

@@ -209,12 +209,15 @@ def _coefficients(gramian, pref, model, track, *, rcond, solver, closed_form):
 
     c_hat, proj = _min_norm_solve(cos, pref, rcond, solver)
     if k == 2 and closed_form:
-        # Inverse of [[1, rho], [rho, 1]] up to the factor 1 / (1 - rho^2), which the
-        # normalisation removes. Used when the general path keeps both eigenvalues
-        # 1 -+ |rho| (so that both paths define the same direction).
+        # Inverse of [[1, rho], [rho, 1]] applied to the weights. Used when the
+        # general path keeps both eigenvalues 1 -+ |rho| (so that both paths define
+        # the same direction). The factor 1 / (1 - rho^2) does not change the
+        # direction, but without it the projection cos @ closed = (1 - rho^2) pref
+        # would fail the zero test below for nearly parallel gradients.
         rho = cos[0, 1]
-        closed = jnp.stack([pref[0] - rho * pref[1], pref[1] - rho * pref[0]])
         regular = jnp.all(nonzero) & (1.0 - jnp.abs(rho) > rcond * (1.0 + jnp.abs(rho)))
+        det = jnp.where(regular, 1.0 - rho * rho, 1.0)
+        closed = jnp.stack([pref[0] - rho * pref[1], pref[1] - rho * pref[0]]) / det
         c_hat = jnp.where(regular, closed, c_hat)
         proj = jnp.where(regular, cos @ closed, proj)
     # ||U^T c_hat||^2, the squared norm of the (unnormalised) direction.

@@ -42,6 +42,7 @@ from mtl_optax.base import (
     canonicalize_key,
     from_weighting,
     initial_weights,
+    is_traced,
 )
 from mtl_optax.registry import register
 
@@ -491,7 +492,7 @@ def gradvac(
     if int(num_tasks) != num_tasks or num_tasks < 1:
         raise ValueError(f"gradvac: num_tasks must be a positive integer; found {num_tasks!r}.")
     num_tasks = int(num_tasks)
-    if not 0.0 <= beta <= 1.0:
+    if not is_traced(beta) and not 0.0 <= beta <= 1.0:
         raise ValueError(f"gradvac: beta must be in [0, 1]; found {beta!r}.")
     base_key = canonicalize_key(key)
 

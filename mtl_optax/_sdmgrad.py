@@ -31,6 +31,7 @@ from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
     initial_weights,
+    is_traced,
 )
 from mtl_optax.registry import register
 
@@ -378,7 +379,10 @@ def sdmgrad(
       last-bit asymmetry would be amplified by the long inner steps into a
       vertex (an update of :math:`-0.77\, g`).
     """
-    lr, momentum, lambda_ = float(lr), float(momentum), float(lambda_)
+    lr, momentum = float(lr), float(momentum)
+    traced_lambda = is_traced(lambda_)
+    if not traced_lambda:
+        lambda_ = float(lambda_)
     if not lr > 0.0 or not np.isfinite(lr):
         raise ValueError(f"sdmgrad: lr must be positive and finite; found lr={lr!r}.")
     if not 0.0 <= momentum < 1.0:
@@ -386,7 +390,7 @@ def sdmgrad(
     if isinstance(n_iter, bool) or int(n_iter) != n_iter or n_iter < 1:
         raise ValueError(f"sdmgrad: n_iter must be a positive int; found n_iter={n_iter!r}.")
     n_iter = int(n_iter)
-    if not lambda_ >= 0.0 or not np.isfinite(lambda_):
+    if not traced_lambda and (not lambda_ >= 0.0 or not np.isfinite(lambda_)):
         raise ValueError(
             f"sdmgrad: lambda_ must be non-negative and finite; found lambda_={lambda_!r}."
         )

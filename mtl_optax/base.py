@@ -115,6 +115,18 @@ class WeightedTransformation(optax.GradientTransformationExtraArgs):
     per_task: PerTaskTransformation
 
 
+def is_traced(value: Any) -> bool:
+    """Whether a hyperparameter is a traced value.
+
+    ``optax.inject_hyperparams`` calls a method's factory inside the jitted
+    update with the current hyperparameters as traced arrays. Factories check
+    and convert concrete values (Python or NumPy numbers, concrete arrays) at
+    construction, and keep a traced value as it is, unchecked: its schedule is
+    the caller's.
+    """
+    return isinstance(value, jax.core.Tracer)
+
+
 def canonicalize_key(key: jax.Array | int) -> jax.Array:
     """A typed PRNG key from an int seed, a typed key or a raw ``uint32[2]`` key."""
     if isinstance(key, int):

@@ -561,3 +561,19 @@ def test_m_conflict_free_errors_at_init_and_update():
         tx.update(_tree(_random(0, 2), jnp.float32), state, params)
     with pytest.raises(ValueError, match="expected"):  # params-free: checked against the state
         tx.update({"a": jac["a"], "b": jac["b"][:, :5]}, state)
+
+
+def test_two_task_closed_form_steps_on_nearly_parallel_gradients():
+    """cos = 0.999: ConFIG's direction is the bisector-like solution, not zero (float32)."""
+    g1 = jnp.array([1.0, 0.0])
+    g2 = jnp.array([0.999, jnp.sqrt(1 - 0.999**2)])
+    grads = {"w": jnp.stack([g1, 3.0 * g2])}
+    closed = mtl_optax.conflict_free(num_tasks=2)
+    general = mtl_optax.conflict_free(num_tasks=2, two_task_closed_form=False)
+    u_closed, _ = closed.update(grads, closed.init({"w": jnp.zeros(2)}))
+    u_general, _ = general.update(grads, general.init({"w": jnp.zeros(2)}))
+    assert float(jnp.linalg.norm(u_closed["w"])) > 1.0
+    np.testing.assert_allclose(np.asarray(u_closed["w"]), np.asarray(u_general["w"]), rtol=2e-3)
+    # Equal cosines with both (unit) task gradients: the ConFIG property.
+    unit = np.asarray(u_closed["w"]) / np.linalg.norm(np.asarray(u_closed["w"]))
+    np.testing.assert_allclose(unit @ np.asarray(g1), unit @ np.asarray(g2), rtol=1e-4)
