@@ -110,3 +110,23 @@ def test_task_grads_with_nnx_module_writes_back_batch_stats():
         np.asarray(model.bn.mean[...]), np.asarray(ref_model.bn.mean[...]), rtol=1e-6
     )
     assert not np.allclose(before, np.asarray(model.bn.mean[...]))
+
+
+@pytest.mark.parametrize("k", [1, 5, 65])  # backward passes one by one (CPU, K <= 64) or vmapped
+def test_task_grads_equals_jacrev_for_any_number_of_tasks(k):
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.ones(3)}
+    x = jax.random.normal(jax.random.key(1), (7, 4))
+    scales = jnp.linspace(0.5, 2.0, k)
+
+    def losses(p, x):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return scales * jnp.mean(h**2) + jnp.arange(k) * jnp.mean(h)
+
+    got_losses, got = jax.jit(lambda p, x: mtl_optax.task_grads(losses, p, x))(params, x)
+    expected = jax.jacrev(losses)(params, x)
+    np.testing.assert_allclose(np.asarray(got_losses), np.asarray(losses(params, x)), rtol=1e-6)
+    for name in params:
+        assert got[name].shape == (k, *params[name].shape)
+        np.testing.assert_allclose(
+            np.asarray(got[name]), np.asarray(expected[name]), rtol=1e-5, atol=1e-6
+        )
