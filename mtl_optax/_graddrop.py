@@ -21,6 +21,7 @@ from jax import lax
 
 from mtl_optax import engine
 from mtl_optax.base import PerTaskTransformation, canonicalize_key
+from mtl_optax.engine import leaf_path as _path
 from mtl_optax.registry import register
 
 __all__ = [
@@ -32,11 +33,6 @@ __all__ = [
 ]
 
 _NAME = "graddrop"
-
-
-def _path(path: tuple[Any, ...]) -> str:
-    text = jax.tree_util.keystr(path)
-    return text if text else "<root>"
 
 
 def _normalize_batch_axes(batch_axes: int | Sequence[int] | None) -> tuple[int, ...]:

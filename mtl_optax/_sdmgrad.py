@@ -33,6 +33,7 @@ from mtl_optax.base import (
     initial_weights,
     is_traced,
 )
+from mtl_optax.engine import leaf_path as _path
 from mtl_optax.registry import register
 
 __all__ = [
@@ -49,11 +50,6 @@ _EPS = 1e-8
 # ---------------------------------------------------------------------------
 # The cross matrix J_a J_b^T.
 # ---------------------------------------------------------------------------
-
-
-def _path(path: tuple[Any, ...]) -> str:
-    text = jax.tree_util.keystr(path)
-    return text if text else "<root>"
 
 
 def cross_gramian(task_grads_a: Any, task_grads_b: Any) -> jax.Array:

@@ -48,9 +48,13 @@ _CPU_BLOCKED_MIN_COLUMNS = 1 << 18
 _CPU_BLOCK_COLUMNS = 1 << 14
 
 
-def _path(path: tuple[Any, ...]) -> str:
+def leaf_path(path: tuple[Any, ...]) -> str:
+    """A leaf's key path as the error messages print it (``<root>`` for a bare array)."""
     text = jax.tree_util.keystr(path)
     return text if text else "<root>"
+
+
+_path = leaf_path
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:

@@ -47,14 +47,10 @@ from jax import lax
 
 from mtl_optax import engine
 from mtl_optax.base import Weighting
+from mtl_optax.engine import leaf_path as _path
 from mtl_optax.gradients import _is_nnx_module
 
 __all__ = ["lean_cross_gramian", "lean_grad", "lean_gramian"]
-
-
-def _path(path: tuple[Any, ...]) -> str:
-    text = jax.tree_util.keystr(path)
-    return text if text else "<root>"
 
 
 def _accumulation_dtype(params: Any, caller: str) -> Any:

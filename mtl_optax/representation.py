@@ -20,15 +20,11 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._compose import _RESCALE_EPS, _safe_norm, _task_sum
+from mtl_optax.engine import leaf_path as _path
 
 __all__ = ["RepGrad", "RepGradState", "rep_grad"]
 
 _NAME = "rep_grad"
-
-
-def _path(path: tuple[Any, ...]) -> str:
-    text = jax.tree_util.keystr(path)
-    return text if text else "<root>"
 
 
 def _check_combined(combined: Any, z: Any) -> None:
