@@ -169,6 +169,22 @@ def _libmtl_fixture() -> types.ModuleType:
 
 
 @contextlib.contextmanager
+def torch_default_float64() -> Iterator[None]:
+    """torch's default dtype set to float64 inside the block, restored after.
+
+    LibMTL allocates its gradient buffers (and torch its new tensors) with the
+    default dtype, float32: the float64 parity tests run the references inside.
+    """
+    torch = require_reference("torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
 def jax_float64() -> Iterator[None]:
     """Enables float64 in JAX inside the block and restores the previous value."""
     previous = bool(jax.config.read("jax_enable_x64"))

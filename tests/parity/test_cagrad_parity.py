@@ -54,6 +54,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_vector,
 )
 
@@ -343,17 +344,6 @@ def test_torchjd_zeroes_every_small_jacobian(x64, monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _float64_default():
-    """LibMTL allocates its gradient matrix with the default dtype (float32)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _libmtl(jac, calpha, rescale, monkeypatch, inject=None):
     """LibMTL's CAGrad on linear losses ``J @ theta``: (update, record of its solve).
 
@@ -379,7 +369,7 @@ def _libmtl(jac, calpha, rescale, monkeypatch, inject=None):
     weighting = module.CAGrad()
     k, p = jac.shape
     weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", False
-    with _float64_default():
+    with torch_default_float64():
         theta = torch.zeros(p, dtype=torch.float64, requires_grad=True)
 
         def zero_grad():

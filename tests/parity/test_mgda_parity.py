@@ -61,6 +61,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_vector,
 )
 
@@ -88,16 +89,6 @@ def _deadline(seconds):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def _torch_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _normalizers(jac, losses, normalization):
@@ -147,7 +138,7 @@ def _libmtl(jac, losses, normalization):
     """LibMTL MGDA on ``L = J theta + losses`` at theta = 0: (update, sol), float64."""
     MGDA = import_libmtl().weighting.MGDA
     k, p = jac.shape
-    with _torch_float64(), _deadline(120):
+    with torch_default_float64(), _deadline(120):
         weighting = MGDA()
         weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", False
         theta = torch.zeros(p, dtype=torch.float64, requires_grad=True)
@@ -277,7 +268,7 @@ def test_edge_cases_against_libmtl(x64, case, normalization):
         assert np.all(ours_u == 0.0)
         weighting = import_libmtl().weighting.MGDA()
         weighting.device = "cpu"
-        with _torch_float64():
+        with torch_default_float64():
             normalized = weighting._gradient_normalizers(
                 torch.from_numpy(jac), torch.from_numpy(losses), ntype=normalization
             )
@@ -343,7 +334,10 @@ def test_k40_p1e5_libmtl_stops_early_and_mgda_reaches_the_optimum(x64):
     ours_u, lam, _ = _mtl(jac, np.ones(40))
     np.testing.assert_allclose(ours_u @ ours_u, best, rtol=1e-10)
     for dtype in (np.float64, np.float32):
-        with _torch_float64() if dtype == np.float64 else contextlib.nullcontext(), _deadline(120):
+        with (
+            torch_default_float64() if dtype == np.float64 else contextlib.nullcontext(),
+            _deadline(120),
+        ):
             sol = MGDA()._find_min_norm_element(torch.from_numpy(jac.astype(dtype)))
         sol = to_numpy(sol).astype(np.float64)
         np.testing.assert_allclose(sol.sum(), 1.0, rtol=1e-6)

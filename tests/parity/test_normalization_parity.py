@@ -25,7 +25,6 @@ Everything runs in float64 (``x64``) unless a test says otherwise.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import jax
@@ -45,6 +44,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_matrix,
     tree_to_vector,
 )
@@ -351,17 +351,6 @@ def test_gradnorm_sequences_match_vambn(x64, sid, variant):
 torch = None
 
 
-@contextlib.contextmanager
-def _torch_float64():
-    """LibMTL builds its tensors with the default dtype (float32): make it float64."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _libmtl():
     global torch
     torch = require_reference("torch")
@@ -396,7 +385,7 @@ class _LibMTLGradNorm:
                 if self.theta.grad is not None:
                     self.theta.grad.zero_()
 
-        with _torch_float64():
+        with torch_default_float64():
             self.weighting = Driven()
             self.weighting.task_num, self.weighting.device = k, "cpu"
             self.weighting.rep_grad, self.weighting.epoch = False, 1
@@ -411,7 +400,7 @@ class _LibMTLGradNorm:
     def step(self, jac, losses):
         """One training step: returns (update, weights, loss_scale grad, loss_scale after)."""
         w = self.weighting
-        with _torch_float64():
+        with torch_default_float64():
             w.theta.grad = None
             self.optimizer.zero_grad()
             total = torch.tensor(losses) + torch.tensor(jac) @ w.theta

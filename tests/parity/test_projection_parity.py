@@ -56,6 +56,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_matrix,
     tree_to_vector,
 )
@@ -174,17 +175,6 @@ def _torchjd(agg, jac, perms):
 
 
 @contextlib.contextmanager
-def _torch_default_float64():
-    """LibMTL allocates its gradient buffers with the default dtype: make it float64."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
 def _replay_shuffle(rows):
     """Makes ``random.shuffle`` (as LibMTL calls it) fill the list with ``rows`` in turn."""
     queue = [list(map(int, r)) for r in rows]
@@ -216,7 +206,7 @@ def _libmtl_step(weighting, jac, shuffles, **kwargs):
     # What LibMTL's model mixes into a weighting: the shared parameters.
     weighting.get_share_params = lambda: [theta]
     weighting.zero_grad_share_params = lambda: theta.grad.zero_()
-    with _torch_default_float64(), _replay_shuffle(shuffles):
+    with torch_default_float64(), _replay_shuffle(shuffles):
         losses = torch.from_numpy(jac) @ theta
         weights = weighting.backward(losses, **kwargs)
     return to_numpy(theta.grad), np.asarray(weights, np.float64)

@@ -29,8 +29,6 @@ gradients for the same model written in JAX; they are compared entrywise.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +38,7 @@ import mtl_optax
 from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax.representation import rep_grad
 
-from .conftest import import_libmtl, require_reference, to_numpy
+from .conftest import import_libmtl, require_reference, to_numpy, torch_default_float64
 
 torch = None
 DIN, B, D = 3, 8, 5
@@ -50,16 +48,6 @@ def _torch():
     global torch
     torch = require_reference("torch")
     return torch
-
-
-@contextlib.contextmanager
-def _torch_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _weights(seed, k):
@@ -100,7 +88,7 @@ def _libmtl_step(weighting_name, data, k, **kwargs):
             super().__init__(tasks, Encoder, decoders, True, False, "cpu")
             self.init_param()
 
-    with _torch_float64():
+    with torch_default_float64():
         decoders = nn.ModuleDict({t: nn.Linear(D, 1) for t in tasks})
         with torch.no_grad():
             for i, t in enumerate(tasks):
