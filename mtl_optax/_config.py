@@ -514,7 +514,11 @@ def m_conflict_free(
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its state holds ``K``
       first moments of the parameters' size (and two more moments): memory
-      ``(K + 2) P``, in float32 for half-precision parameters.
+      ``(K + 2) P``, in float32 for half-precision parameters. Donate the
+      state to the jitted step (``jax.jit(..., donate_argnums=...)``, as usual
+      for optimizer states) so that the momenta are updated in place: without
+      it every step allocates a new ``K x P`` buffer (at K = 10, P = 1e6 on
+      CPU, 30 ms per step instead of 18 ms).
 
     Raises:
       ValueError: ``num_tasks`` missing, betas outside ``[0, 1)``,
@@ -634,7 +638,17 @@ def m_conflict_free(
             rcond=rcond,
             two_task_closed_form=two_task_closed_form,
         )
-        direction = engine.combine(mu, omega * inv_bias1.astype(omega.dtype))
+        coef = omega * inv_bias1.astype(omega.dtype)
+
+        def combination(m):
+            # sum_k coef_k m_k as an elementwise sum over the task rows (not a
+            # dot), so that XLA fuses it with the Adam-like step below: the
+            # direction is never written to memory and read back.
+            c = coef.astype(m.dtype)
+            zero = jnp.zeros(m.shape[1:], m.dtype)
+            return engine.fold_tasks(lambda row, i: (c[i] * row,), m, (zero,))[0]
+
+        direction = jax.tree.map(combination, mu)
         bias1_t = _one_minus_power(beta_1, count, dtype)
         bias2_t = jnp.where(ready, _one_minus_power(beta_2, count, dtype), 1.0)
 
