@@ -76,14 +76,35 @@ def test_gramian_float64_leaves_stay_float64(x64):
     np.testing.assert_allclose(np.asarray(got), jac @ jac.T, rtol=1e-13)
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, engine._CPU_LANE_MAX_TASKS, 9])
 @pytest.mark.parametrize("columns", [engine._CPU_BLOCKED_MIN_COLUMNS + 12_345])
-def test_gramian_blocked_path_matches_numpy(columns):
-    """Long leaves take the blocked scan on CPU, including a ragged last block."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, columns)).astype(np.float32)
+def test_gramian_blocked_path_matches_numpy(k, columns):
+    """Long leaves take a blocked scan on CPU (lane reduction up to 6 tasks, dots beyond).
+
+    The column count leaves a ragged last block and a remainder that is not a
+    multiple of the 8 lanes.
+    """
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((k, columns)).astype(np.float32)
     got = mtl_optax.gramian({"x": jnp.asarray(x)})
     ref = x.astype(np.float64) @ x.T.astype(np.float64)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-1)
+    assert np.array_equal(np.asarray(got), np.asarray(got).T)  # the symmetric path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+@pytest.mark.parametrize("k", [2, 5])
+def test_leaf_cross_of_two_long_leaves_matches_numpy(k, dtype, x64):
+    """The lane reduction of two different leaves (``cross_gramian``) in every dtype."""
+    columns = engine._CPU_BLOCKED_MIN_COLUMNS + 12_347
+    rng = np.random.default_rng(k)
+    x, y = (jnp.asarray(rng.standard_normal((k, columns)), dtype) for _ in range(2))
+    acc = engine.accumulation_dtype(x.dtype)
+    got = jax.jit(engine.leaf_cross, static_argnums=2)(x, y, acc)
+    assert got.dtype == acc
+    ref = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+    tol = 1e-10 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * 1e3)
 
 
 def test_gramian_is_symmetric_psd():
