@@ -169,19 +169,24 @@ def _libmtl_fixture() -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def torch_default_float64() -> Iterator[None]:
+def torch_default_dtype(dtype: Any) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` inside the block, restored after."""
+    torch = require_reference("torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def torch_default_float64() -> contextlib.AbstractContextManager[None]:
     """torch's default dtype set to float64 inside the block, restored after.
 
     LibMTL allocates its gradient buffers (and torch its new tensors) with the
     default dtype, float32: the float64 parity tests run the references inside.
     """
-    torch = require_reference("torch")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return torch_default_dtype(require_reference("torch").float64)
 
 
 @contextlib.contextmanager

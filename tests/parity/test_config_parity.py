@@ -26,8 +26,6 @@ reference differs.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +38,8 @@ from .conftest import (
     params_like,
     random_jacobian,
     require_reference,
+    torch_default_dtype,
+    torch_default_float64,
     tree_to_vector,
 )
 
@@ -68,12 +68,8 @@ def f64(x64):
     mixed dtypes.
     """
     _references()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with torch_default_float64():
         yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 RTOL = 1e-10
@@ -462,14 +458,8 @@ def test_p1e7_float32_where_the_references_fail(f64):
     assert np.max(ref_cos) - np.min(ref_cos) > 0.1, ref_cos  # conflictfree: not conflict-free.
 
 
-@contextlib.contextmanager
 def _float32_torch():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return torch_default_dtype(torch.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_matrix,
     tree_to_vector,
 )
@@ -270,9 +271,7 @@ def _libmtl_graddrop(grads, rep, draws, leak, monkeypatch):
         return torch.from_numpy(np.array(draws, np.float64))
 
     monkeypatch.setattr(torch, "rand_like", fake_rand_like)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # LibMTL allocates with the default dtype.
-    try:
+    with torch_default_float64():  # LibMTL allocates with the default dtype.
         base = torch.from_numpy(rep).requires_grad_()
         weighting = GradDrop()
         weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", True
@@ -288,8 +287,6 @@ def _libmtl_graddrop(grads, rep, draws, leak, monkeypatch):
             ]
         )
         weighting.backward(losses, leak=leak)
-    finally:
-        torch.set_default_dtype(previous)
     assert len(calls) == 1
     return to_numpy(base.grad)
 

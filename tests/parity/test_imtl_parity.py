@@ -41,6 +41,7 @@ from .conftest import (
     random_jacobian,
     require_reference,
     to_numpy,
+    torch_default_float64,
     tree_to_matrix,
     tree_to_vector,
 )
@@ -103,9 +104,7 @@ def _libmtl(jac):
     """LibMTL's IMTL on linear losses: (alpha, theta.grad)."""
     IMTL = import_libmtl().weighting.IMTL
     k, p = jac.shape
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # LibMTL allocates with the default dtype.
-    try:
+    with torch_default_float64():  # LibMTL allocates with the default dtype.
         weighting = IMTL()
         weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", False
         theta = torch.zeros(p, requires_grad=True)
@@ -118,8 +117,6 @@ def _libmtl(jac):
         weighting.zero_grad_share_params = zero_grad
         weighting.init_param()
         alpha = weighting.backward(torch.from_numpy(jac) @ theta)
-    finally:
-        torch.set_default_dtype(previous)
     return np.asarray(alpha, np.float64), to_numpy(theta.grad)
 
 
