@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import pathlib
 import platform
@@ -59,6 +60,25 @@ def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
         if time.perf_counter() - start > budget_s and len(times) >= 3:
             break
     return 1e3 * statistics.median(times)
+
+
+def use_heap_allocator() -> None:
+    """Makes glibc serve every allocation from its heap and never give it back.
+
+    By default glibc ``malloc`` maps every block above 32 MB (its largest
+    ``mmap`` threshold) freshly from the kernel and unmaps it when freed, so a
+    call that returns a new 40 MB array (``P = 1e7`` float32) first-touches
+    ~10k pages: the page faults then cost more than the arithmetic, in both
+    libraries (torch's ``w @ J`` on 2 x 1e7: 23 ms into a new tensor, 5 ms
+    into a preallocated one). ``M_MMAP_MAX = 0`` and a trim threshold of 2 GB
+    (what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` set from the
+    environment) make freed blocks reused instead, for JAX's and torch's
+    buffers alike (both allocate through ``malloc`` on CPU).
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError("mallopt failed: --heap-allocator needs glibc")
 
 
 def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
@@ -238,8 +258,9 @@ def _format_row(row: dict) -> str:
     ratio_floor = row["jax_ms"] / row["floor_ms"]
     speedup = f"{best[1] / row['jax_ms']:7.2f}x vs {best[0]}" if best else "      -"
     ref_text = ", ".join(f"{n} {v:.2f}" for n, v in sorted(refs.items()))
+    method = row["method"] + (" (heap)" if row.get("allocator") == "glibc heap" else "")
     return (
-        f"| {row['method']:<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
+        f"| {method:<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
         f" {row['floor_ms']:8.2f} | {ratio_floor:6.2f} | {speedup} | {ref_text} |"
         f" {row['dispatch_ms']:.3f} |"
     )
@@ -265,7 +286,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement at most")
     parser.add_argument("--json", default="", help="write the rows to this JSON file")
+    parser.add_argument(
+        "--heap-allocator",
+        action="store_true",
+        help="glibc malloc without mmap for large blocks (see use_heap_allocator)",
+    )
     args = parser.parse_args()
+    if args.heap_allocator:
+        use_heap_allocator()
     if args.quick:
         args.K, args.P = "2,10", "1e5,1e6"
     ks = [int(x) for x in args.K.split(",")]
@@ -276,9 +304,12 @@ def main() -> None:
     print(
         f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}),"
         f" {platform.processor() or platform.machine()}, float32, median of repeated calls"
+        + (", glibc heap allocator (no mmap)" if args.heap_allocator else "")
     )
     print(HEADER)
     rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget)
+    for row in rows:
+        row["allocator"] = "glibc heap" if args.heap_allocator else "default"
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

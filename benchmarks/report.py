@@ -88,7 +88,8 @@ def main() -> None:
         "json_files",
         nargs="+",
         help="JSON rows of bench_methods.py; a row of a later file replaces the row of the"
-        " same (method, K, P) of an earlier one (each row is one run's side-by-side timing)",
+        " same (method, K, P, allocator) of an earlier one (each row is one run's side-by-side"
+        " timing)",
     )
     parser.add_argument("--png", help="also draw the times into this PNG file")
     args = parser.parse_args()
@@ -96,7 +97,8 @@ def main() -> None:
     for name in args.json_files:
         with open(name, encoding="utf-8") as f:
             for row in json.load(f):
-                merged[(row["method"], row["K"], row["P"])] = row
+                key = (row["method"], row["K"], row["P"], row.get("allocator", "default"))
+                merged[key] = row
     rows = sorted(merged.values(), key=lambda r: (r["P"], r["K"], r["method"]))
     print(HEADER)
     for row in rows:
@@ -105,7 +107,8 @@ def main() -> None:
     for row in rows:
         if m := misses(row):
             print(
-                f"| {row['method']} | {row['K']} | {row['P']:.0e} | {row['jax_ms']:.2f} | {'; '.join(m)} |"
+                f"| {row['method']}{' (heap)' if row.get('allocator') == 'glibc heap' else ''}"
+                f" | {row['K']} | {row['P']:.0e} | {row['jax_ms']:.2f} | {'; '.join(m)} |"
             )
     if args.png:
         plot(rows, args.png)

@@ -76,13 +76,20 @@ def test_gramian_float64_leaves_stay_float64(x64):
     np.testing.assert_allclose(np.asarray(got), jac @ jac.T, rtol=1e-13)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, engine._CPU_LANE_MAX_TASKS, 9])
-@pytest.mark.parametrize("columns", [engine._CPU_BLOCKED_MIN_COLUMNS + 12_345])
+@pytest.mark.parametrize("k", [1, 2, 4, engine._CPU_LANE_MAX_TASKS, 9, 40])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        engine._CPU_BLOCKED_MIN_COLUMNS + 12_345,
+        engine._CPU_DOT_BLOCKED_MIN_COLUMNS + 3 * engine._CPU_BLOCK_COLUMNS + 5,
+    ],
+)
 def test_gramian_blocked_path_matches_numpy(k, columns):
     """Long leaves take a blocked scan on CPU (lane reduction up to 6 tasks, dots beyond).
 
-    The column count leaves a ragged last block and a remainder that is not a
-    multiple of the 8 lanes.
+    The column counts leave whole blocks after the last loop step (fewer
+    blocks per step at 40 tasks), a ragged remainder and one that is not a
+    multiple of the 8 lanes; the second is below the lane path's threshold.
     """
     rng = np.random.default_rng(k)
     x = rng.standard_normal((k, columns)).astype(np.float32)
@@ -93,9 +100,9 @@ def test_gramian_blocked_path_matches_numpy(k, columns):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
-@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("k", [2, 5, 9])
 def test_leaf_cross_of_two_long_leaves_matches_numpy(k, dtype, x64):
-    """The lane reduction of two different leaves (``cross_gramian``) in every dtype."""
+    """The blocked paths on two different leaves (``cross_gramian``) in every dtype."""
     columns = engine._CPU_BLOCKED_MIN_COLUMNS + 12_347
     rng = np.random.default_rng(k)
     x, y = (jnp.asarray(rng.standard_normal((k, columns)), dtype) for _ in range(2))
