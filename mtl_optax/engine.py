@@ -44,10 +44,11 @@ _UNROLLED_SUM_MAX_TASKS = 64
 # the passes run in a loop.
 _FOLD_CHUNK_TASKS = 8
 # Leaves with more columns than this take the blocked path on CPU (see leaf_cross):
-# up to _CPU_LANE_MAX_TASKS tasks from _CPU_BLOCKED_MIN_COLUMNS columns on, more
-# tasks from _CPU_DOT_BLOCKED_MIN_COLUMNS on.
+# up to _CPU_FEW_TASKS tasks from _CPU_BLOCKED_MIN_COLUMNS columns on, more tasks
+# from _CPU_DOT_BLOCKED_MIN_COLUMNS on.
 _CPU_BLOCKED_MIN_COLUMNS = 1 << 18
 _CPU_DOT_BLOCKED_MIN_COLUMNS = 1 << 16
+_CPU_FEW_TASKS = 6
 # More than _CPU_LANE_MAX_TASKS tasks: dots of _CPU_BLOCK_COLUMNS columns, up to
 # _CPU_BLOCKS_PER_STEP of them (and about _CPU_STEP_BYTES of slices) per loop step.
 _CPU_BLOCK_COLUMNS = 1 << 12
@@ -55,7 +56,7 @@ _CPU_BLOCKS_PER_STEP = 16
 _CPU_STEP_BYTES = 8 << 20
 # Up to this many tasks, long leaves are reduced on CPU with an elementwise
 # multi-output reduction per block instead of a dot (see _cpu_lane_cross).
-_CPU_LANE_MAX_TASKS = 6
+_CPU_LANE_MAX_TASKS = 4
 _CPU_LANE_BLOCK_COLUMNS = 1 << 16
 _CPU_LANES = 8
 
@@ -228,13 +229,15 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     than on column blocks that stay in cache, so on CPU long leaves are
     reduced block by block:
 
-    * more than 6 tasks, from 64k columns on: dots of 4k-column blocks, 16 of
-      them (fewer for many tasks, about 8 MB of slices) unrolled in each step
-      of a ``lax.scan``, so XLA runs several at once and overlaps the copies
-      of the slices with the products (measured on 2 cores, float32: 10 x 1e6
+    * more than 4 tasks: dots of 4k-column blocks, 16 of them (fewer for
+      many tasks, about 8 MB of slices) unrolled in each step of a
+      ``lax.scan``, so XLA runs several at once and overlaps the copies of the
+      slices with the products; from 64k columns on for more than 6 tasks,
+      from 256k columns for 5 or 6 (measured on 2 cores, float32: 10 x 1e6
       6.0 ms against 9.4 ms with one 16k-column dot per step and 35 ms for the
-      plain contraction; 40 x 1e5 4.1 against 5.7 ms plain);
-    * up to 6 tasks, from 256k columns on: blocks of 64k columns reduced
+      plain contraction; 40 x 1e5 4.1 against 5.7 ms plain; 6 x 1e6 2.3
+      against 3.1 ms for the lane reduction below);
+    * up to 4 tasks, from 256k columns on: blocks of 64k columns reduced
       elementwise (:func:`_cpu_lane_cross`), where XLA's dot is slow.
 
     Other backends take the plain contraction.
@@ -263,7 +266,8 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     n = x.shape[1]
     dims = (((1,), (1,)), ((), ()))
     lane = k <= _CPU_LANE_MAX_TASKS
-    min_columns = _CPU_BLOCKED_MIN_COLUMNS if lane else _CPU_DOT_BLOCKED_MIN_COLUMNS
+    few = k <= _CPU_FEW_TASKS
+    min_columns = _CPU_BLOCKED_MIN_COLUMNS if few else _CPU_DOT_BLOCKED_MIN_COLUMNS
     if jax.default_backend() != "cpu" or n < min_columns:
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     if lane:
@@ -311,11 +315,12 @@ def _cpu_lane_cross(x: jax.Array, y: jax.Array, dtype: Any, *, symmetric: bool) 
     The ``(K, n)`` blocks are viewed as ``(K, n / 8, 8)``; the products of
     each pair of rows are summed over the middle axis in one fused
     multi-output reduction (a column reduction, which XLA's CPU backend
-    vectorises over the 8 lanes), then over the lanes. For ``K <= 6`` this
+    vectorises over the 8 lanes), then over the lanes. For ``K <= 4`` this
     is faster on CPU than XLA's dot, which handles a product with so few rows
-    poorly (2 x 1e6 float32: 0.9 ms against 1.3 ms for the blocked dot and
-    1.8 ms for one dot; 2 x 1e7: 8.3 ms against 12.7 ms). With ``symmetric``
-    (``y`` is ``x``) only the pairs ``i <= j`` are reduced.
+    poorly (2 x 1e6 float32: 0.9 ms against 1.8 ms for one dot; 2 x 1e7: 7.8
+    ms against 8.6 ms for the blocked dots of :func:`leaf_cross`; 3 x 1e6:
+    1.0 against 1.2 ms). With ``symmetric`` (``y`` is ``x``) only the pairs
+    ``i <= j`` are reduced.
     """
     k, n = x.shape
     lanes = _CPU_LANES

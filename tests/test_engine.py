@@ -76,7 +76,7 @@ def test_gramian_float64_leaves_stay_float64(x64):
     np.testing.assert_allclose(np.asarray(got), jac @ jac.T, rtol=1e-13)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, engine._CPU_LANE_MAX_TASKS, 9, 40])
+@pytest.mark.parametrize("k", [1, 2, engine._CPU_LANE_MAX_TASKS, 5, engine._CPU_FEW_TASKS, 9, 40])
 @pytest.mark.parametrize(
     "columns",
     [
@@ -85,11 +85,11 @@ def test_gramian_float64_leaves_stay_float64(x64):
     ],
 )
 def test_gramian_blocked_path_matches_numpy(k, columns):
-    """Long leaves take a blocked scan on CPU (lane reduction up to 6 tasks, dots beyond).
+    """Long leaves take a blocked scan on CPU (lane reduction up to 4 tasks, dots beyond).
 
     The column counts leave whole blocks after the last loop step (fewer
     blocks per step at 40 tasks), a ragged remainder and one that is not a
-    multiple of the 8 lanes; the second is below the lane path's threshold.
+    multiple of the 8 lanes; the second is blocked only beyond 6 tasks.
     """
     rng = np.random.default_rng(k)
     x = rng.standard_normal((k, columns)).astype(np.float32)
