@@ -258,6 +258,11 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
     return rows
 
 
+def row_label(row: dict) -> str:
+    """The method's name in a table, marked when timed with ``--heap-allocator``."""
+    return row["method"] + (" (heap)" if row.get("allocator") == "glibc heap" else "")
+
+
 def _format_row(row: dict) -> str:
     own = ("jax_ms", "floor_ms", "dispatch_ms")
     refs = {k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in own}
@@ -265,9 +270,8 @@ def _format_row(row: dict) -> str:
     ratio_floor = row["jax_ms"] / row["floor_ms"]
     speedup = f"{best[1] / row['jax_ms']:7.2f}x vs {best[0]}" if best else "      -"
     ref_text = ", ".join(f"{n} {v:.2f}" for n, v in sorted(refs.items()))
-    method = row["method"] + (" (heap)" if row.get("allocator") == "glibc heap" else "")
     return (
-        f"| {method:<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
+        f"| {row_label(row):<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
         f" {row['floor_ms']:8.2f} | {ratio_floor:6.2f} | {speedup} | {ref_text} |"
         f" {row['dispatch_ms']:.3f} |"
     )

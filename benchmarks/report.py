@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench_methods import HEADER, _format_row
+from bench_methods import HEADER, _format_row, row_label
 
 OWN = ("jax_ms", "floor_ms", "dispatch_ms")
 
@@ -107,8 +107,7 @@ def main() -> None:
     for row in rows:
         if m := misses(row):
             print(
-                f"| {row['method']}{' (heap)' if row.get('allocator') == 'glibc heap' else ''}"
-                f" | {row['K']} | {row['P']:.0e} | {row['jax_ms']:.2f} | {'; '.join(m)} |"
+                f"| {row_label(row)} | {row['K']} | {row['P']:.0e} | {row['jax_ms']:.2f} | {'; '.join(m)} |"
             )
     if args.png:
         plot(rows, args.png)
