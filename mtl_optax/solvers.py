@@ -257,6 +257,17 @@ def solve_min_norm(
       support, at machine precision, also where Frank-Wolfe variants crawl
       (``K`` larger than the number of parameters, 0 almost in the hull).
 
+    The first iteration may instead jump to :math:`\Pi_\Delta(v_{\text{all}})`,
+    the simplex projection of the minimiser over the affine hull of *all*
+    tasks (one more KKT solve), when that point costs less than the best pair
+    and the best pair is not already optimal. When the optimum's support is
+    every task (spread gradients, the usual case with many tasks) that point
+    is the optimum, and the solver ends after that one iteration instead of
+    the ``K - 2`` iterations that grow the support one task at a time
+    (``K = 40`` random tasks: 1 iteration against 40, 0.1 against 0.6 ms on a
+    CPU); otherwise it starts the steps above near the optimal support.
+    ``max_iter=0`` still returns the best pair.
+
     The loop stops when the Frank-Wolfe duality gap
 
     .. math::
@@ -438,8 +449,20 @@ def _solve(gramian: jax.Array, tol: jax.Array, max_iter: jax.Array) -> MinNormRe
             return i + jnp.where(done, 0, 1), jnp.where(done, w, new_w), done
 
         w0 = _best_pair(g)
+        # First iteration: the jump to the simplex projection of the minimiser
+        # over the whole affine hull, taken when it beats the best pair; when the
+        # optimum's support is all tasks it is the optimum (no K support-growing
+        # iterations), otherwise a start near the optimal support.
+        v = affine_minimizer(jnp.ones((k,), bool))
+        finite = jnp.all(jnp.isfinite(v))
+        w_jump = optax.projections.projection_simplex(jnp.where(finite, v, w0)).astype(dtype)
+        gap0, cost0, _ = gap_and_cost(w0)
+        _, cost_jump, _ = gap_and_cost(w_jump)
+        jump = finite & (max_iter > 0) & ~is_converged(w0, gap0, cost0) & (cost_jump < cost0)
         num_iterations, w, _ = lax.while_loop(
-            cond, body, (jnp.asarray(0, jnp.int32), w0, jnp.asarray(False))
+            cond,
+            body,
+            (jump.astype(jnp.int32), jnp.where(jump, w_jump, w0), jnp.asarray(False)),
         )
     w = jnp.maximum(w, 0)
     w = w / jnp.sum(w)

@@ -401,6 +401,56 @@ def test_min_norm_large_k40_p1e5(x64):
     assert bool(res.converged) and int(res.num_iterations) < 250
 
 
+def test_min_norm_first_iteration_jumps_to_the_projected_affine_minimiser(x64):
+    """``max_iter=1`` returns the simplex projection of ``G^-1 1 / 1^T G^-1 1``.
+
+    Here (6 tasks with a strong common component) that point costs less than
+    the best pair but has negative entries, so the projection clips them and
+    the later iterations go on from there.
+    """
+    jac = _jac(2, 6, 50, common=2.0)
+    gram = jac @ jac.T
+    inv_ones = np.linalg.solve(gram, np.ones(6))
+    affine = inv_ones / inv_ones.sum()
+    assert np.any(affine < 0)
+    expected = np.asarray(solvers.projection_simplex(jnp.asarray(affine)))
+    best_pair = solvers.solve_min_norm(jnp.asarray(gram), max_iter=0).weights
+    assert expected @ gram @ expected < best_pair @ gram @ best_pair
+    one = solvers.solve_min_norm(jnp.asarray(gram), max_iter=1)
+    assert int(one.num_iterations) == 1
+    np.testing.assert_allclose(one.weights, expected, rtol=0, atol=1e-12)
+    full = solvers.solve_min_norm(jnp.asarray(gram))
+    assert bool(full.converged) and int(full.num_iterations) > 1
+    assert_optimal(full.weights, gram)
+
+
+@pytest.mark.parametrize("k", [5, 10, 40])
+def test_min_norm_ends_after_one_iteration_when_every_task_is_in_the_support(x64, k):
+    """Spread gradients: the optimum has every task in its support, the first iteration lands on it.
+
+    (Growing the support from the best pair one task at a time took ``K - 1``
+    iterations or more.)
+    """
+    gram = _jac(k, k, 2000) @ _jac(k, k, 2000).T
+    res = solvers.solve_min_norm(jnp.asarray(gram))
+    assert bool(res.converged) and int(res.num_iterations) == 1
+    assert np.all(np.asarray(res.weights) > 0)
+    assert_optimal(res.weights, gram)
+
+
+def test_min_norm_keeps_an_optimal_best_pair(x64):
+    """No jump when the best pair is already optimal (0 iterations, as before the jump)."""
+    base = np.random.default_rng(2).standard_normal(30)
+    jac = np.stack([base, 2 * base, 3 * base, -0.5 * base + 1e-3])
+    gram = jac @ jac.T
+    res = solvers.solve_min_norm(jnp.asarray(gram))
+    assert int(res.num_iterations) == 0
+    np.testing.assert_array_equal(
+        res.weights, solvers.solve_min_norm(jnp.asarray(gram), max_iter=0).weights
+    )
+    assert_optimal(res.weights, gram)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_min_norm_in_low_precision(dtype):
     """float32 Gramians, from float32 or bfloat16 task gradients (as the engine computes them).
