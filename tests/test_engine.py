@@ -85,7 +85,7 @@ def test_gramian_float64_leaves_stay_float64(x64):
     ],
 )
 def test_gramian_blocked_path_matches_numpy(k, columns):
-    """Long leaves take a blocked scan on CPU (lane reduction up to 4 tasks, dots beyond).
+    """Long leaves take a blocked scan on CPU (vector dots up to 2 tasks, lane reduction up to 4, dots beyond).
 
     The column counts leave whole blocks after the last loop step (fewer
     blocks per step at 40 tasks), a ragged remainder and one that is not a
@@ -97,6 +97,33 @@ def test_gramian_blocked_path_matches_numpy(k, columns):
     ref = x.astype(np.float64) @ x.T.astype(np.float64)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-1)
     assert np.array_equal(np.asarray(got), np.asarray(got).T)  # the symmetric path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        2 * engine._CPU_VDOT_BLOCK_COLUMNS - 7,
+        2 * engine._CPU_VDOT_BLOCK_COLUMNS + 12_345,
+        3 * engine._CPU_VDOT_BLOCK_COLUMNS,
+    ],
+)
+@pytest.mark.parametrize("k", [1, engine._CPU_VDOT_MAX_TASKS])
+def test_gramian_vector_dot_path_matches_numpy(k, columns, dtype, x64):
+    """One or two long rows on CPU: vector dots per pair of rows, blocked from two blocks on.
+
+    The column counts give one unblocked pass, two loop steps and a ragged
+    remainder, and three steps with none; accumulated in float32 for bfloat16
+    leaves, in float64 for float64 ones.
+    """
+    rng = np.random.default_rng(columns)
+    x = jnp.asarray(rng.standard_normal((k, columns)), dtype)
+    got = mtl_optax.gramian({"x": x})
+    assert got.dtype == engine.accumulation_dtype(x.dtype)
+    ref = np.asarray(x, np.float64) @ np.asarray(x, np.float64).T
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * columns)
+    assert np.array_equal(np.asarray(got), np.asarray(got).T)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
