@@ -55,7 +55,8 @@ _CPU_BLOCK_COLUMNS = 1 << 12
 _CPU_BLOCKS_PER_STEP = 16
 _CPU_STEP_BYTES = 8 << 20
 # Up to this many tasks, long leaves are reduced on CPU with an elementwise
-# multi-output reduction per block instead of a dot (see _cpu_lane_cross).
+# multi-output reduction per block instead of a dot (see _cpu_lane_cross),
+# except a Gramian's 1 or 2 rows, which take the vector dots below.
 _CPU_LANE_MAX_TASKS = 4
 _CPU_LANE_BLOCK_COLUMNS = 1 << 16
 _CPU_LANES = 8
@@ -242,12 +243,14 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
       6.0 ms against 9.4 ms with one 16k-column dot per step and 35 ms for the
       plain contraction; 40 x 1e5 4.1 against 5.7 ms plain; 6 x 1e6 2.3
       against 3.1 ms for the lane reduction below);
-    * 3 or 4 tasks, from 256k columns on: blocks of 64k columns reduced
+    * up to 4 tasks, from 256k columns on: blocks of 64k columns reduced
       elementwise (:func:`_cpu_lane_cross`), where XLA's dot is slow;
-    * 1 or 2 tasks, from 256k columns on: one vector dot per pair of rows
-      (:func:`_cpu_vdot_cross`), in blocks of 512k columns from 1M columns
-      on (2 x 1e6: 0.40 ms against 0.72 ms for the lane reduction; 2 x 1e7:
-      5.0 against 9.4 ms).
+    * except a Gramian (``y`` is ``x``) of 1 or 2 tasks, from 256k columns
+      on: one vector dot per pair of rows (:func:`_cpu_vdot_cross`), in
+      blocks of 512k columns from 1M columns on (2 x 1e6: 0.5 against 0.75
+      ms for the lane reduction; 2 x 4e6: 2.3 against 3.4 ms; 2 x 1e7: 5.4
+      against 8.0 ms; interleaved, 20th percentiles). For a cross product
+      the four dots re-read both leaves, and the lane reduction stays faster.
 
     Other backends take the plain contraction.
 
