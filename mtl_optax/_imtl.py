@@ -99,8 +99,11 @@ def imtl_g_weights(gramian: jax.Array, *, rcond: float | None = None) -> jax.Arr
 
     def full_rank():
         # The pseudo-inverse is the inverse: one LU solve (a quarter of the
-        # time of the SVD with singular vectors at K = 40).
-        return jnp.linalg.solve(scaled.T, b) * inv_scale
+        # time of the SVD with singular vectors at K = 40). Under vmap both
+        # branches run: a singular matrix is swapped for the identity so that
+        # the branch not taken stays finite, its gradient too.
+        matrix = jnp.where(jnp.all(kept), scaled, jnp.eye(k - 1, dtype=dtype))
+        return jnp.linalg.solve(matrix.T, b) * inv_scale
 
     def min_norm():
         # On a rank-deficient system, take the minimum-norm solution in the

@@ -180,6 +180,23 @@ def test_gradients_through_the_update_are_finite():
         assert bool(jnp.all(jnp.isfinite(grad(jac)))), name
 
 
+def test_vmap_over_full_rank_and_degenerate_gramians_matches_one_by_one():
+    """Batched, both rank branches run: the weights and their gradients stay those of each case."""
+    g = jax.random.normal(jax.random.key(4), (3, 12))
+    jacs = jnp.stack([g, g.at[1].set(0.0), jnp.stack([g[0]] * 3), jnp.zeros_like(g)])
+    grams = jnp.einsum("bkp,blp->bkl", jacs, jacs)
+
+    def loss(gram):
+        return jnp.sum(imtl_g_weights(gram) * jnp.arange(1.0, 4.0))
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(loss)))(grams)
+    for i, gram in enumerate(grams):
+        one = jax.jit(jax.value_and_grad(loss))(gram)
+        assert bool(jnp.all(jnp.isfinite(batched[1][i]))), i
+        np.testing.assert_allclose(batched[0][i], one[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched[1][i], one[1], rtol=1e-4, atol=1e-5)
+
+
 def test_gradients_match_finite_differences(x64):
     """Full rank and rank deficient (K - 1 > P): the fixed-rank derivative is exact."""
 
