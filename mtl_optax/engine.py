@@ -61,7 +61,7 @@ _CPU_LANE_MAX_TASKS = 4
 _CPU_LANE_BLOCK_COLUMNS = 1 << 16
 _CPU_LANES = 8
 # Up to this many tasks, long leaves are reduced on CPU as one vector dot per
-# pair of rows (see _cpu_vdot_cross), in blocks of _CPU_VDOT_BLOCK_COLUMNS
+# pair of rows (see _cpu_vdot_gramian), in blocks of _CPU_VDOT_BLOCK_COLUMNS
 # columns when the leaf has at least two such blocks.
 _CPU_VDOT_MAX_TASKS = 2
 _CPU_VDOT_BLOCK_COLUMNS = 1 << 19
@@ -246,7 +246,7 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     * up to 4 tasks, from 256k columns on: blocks of 64k columns reduced
       elementwise (:func:`_cpu_lane_cross`), where XLA's dot is slow;
     * except a Gramian (``y`` is ``x``) of 1 or 2 tasks, from 256k columns
-      on: one vector dot per pair of rows (:func:`_cpu_vdot_cross`), in
+      on: one vector dot per pair of rows (:func:`_cpu_vdot_gramian`), in
       blocks of 512k columns from 1M columns on (2 x 1e6: 0.5 against 0.75
       ms for the lane reduction; 2 x 4e6: 2.3 against 3.4 ms; 2 x 1e7: 5.4
       against 8.0 ms; interleaved, 20th percentiles). For a cross product
@@ -285,10 +285,11 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     if vdot:
         b, per_step = _CPU_VDOT_BLOCK_COLUMNS, 1
         if n < 2 * b:
-            return _cpu_vdot_cross(x, y, dtype, symmetric=True)
+            return _cpu_vdot_gramian(x, dtype)
 
         def block_cross(xb, yb):
-            return _cpu_vdot_cross(xb, yb, dtype, symmetric=True)
+            del yb  # xb itself: a Gramian
+            return _cpu_vdot_gramian(xb, dtype)
 
     elif k <= _CPU_LANE_MAX_TASKS:
         b, per_step = _CPU_LANE_BLOCK_COLUMNS, 1
@@ -331,25 +332,21 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     return acc
 
 
-def _cpu_vdot_cross(x: jax.Array, y: jax.Array, dtype: Any, *, symmetric: bool) -> jax.Array:
-    """``x @ y.T`` for one or two rows, as one vector dot per pair of rows.
+def _cpu_vdot_gramian(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x @ x.T`` for one or two rows, as one vector dot per pair of rows ``i <= j``.
 
     XLA's CPU dot of two long vectors runs on both cores of the machine
     measured here, where its ``(2, n) @ (n, 2)`` contraction is slow and the
     elementwise reduction of :func:`_cpu_lane_cross` uses one core. A block of
     at most 512k columns (4 MB for two float32 rows) stays in cache between the
-    three dots that read it. With ``symmetric`` (``y`` is ``x``) only the pairs
-    ``i <= j`` are computed.
+    three dots that read it.
     """
     k = x.shape[0]
     dims = (((0,), (0,)), ((), ()))
     dot = {}
     for i in range(k):
-        for j in range(k):
-            if symmetric and j < i:
-                dot[i, j] = dot[j, i]
-            else:
-                dot[i, j] = lax.dot_general(x[i], y[j], dims, preferred_element_type=dtype)
+        for j in range(i, k):
+            dot[i, j] = dot[j, i] = lax.dot_general(x[i], x[j], dims, preferred_element_type=dtype)
     return jnp.stack([jnp.stack([dot[i, j] for j in range(k)]) for i in range(k)])
 
 
