@@ -58,16 +58,7 @@ HPARAMS: dict[str, Callable[[int], dict[str, Any]]] = {
 
 def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
     """Median wall time (ms) of ``fn`` after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
-            break
-    return 1e3 * statistics.median(times)
+    return _time_interleaved([fn], repeats, budget_s, burst=1)[0]
 
 
 def _time_interleaved(
