@@ -433,6 +433,9 @@ def test_m_conflict_free_follows_its_rule(x64, beta_1, beta_2):
         u, state = step(_tree(np.where(mask[:, None], jac, 0.0)), state, params, task_mask=mask)
         if i < 2:
             assert np.all(_vec(u) == 0.0) and int(state.count) == 0
+            # The second moments stay zero until every task has had a gradient
+            # (the update relies on it: it does not re-read the old pseudo_mu).
+            assert np.all(_vec(state.pseudo_mu) == 0.0) and np.all(_vec(state.nu) == 0.0)
         else:
             np.testing.assert_allclose(_vec(u), expected[i], rtol=1e-9)
             assert int(state.count) == i - 1
@@ -457,6 +460,26 @@ def test_m_conflict_free_does_not_read_the_other_rows():
         np.testing.assert_array_equal(u, runs[0][0])
         chex.assert_trees_all_equal(state, runs[0][1])
     assert np.all(np.isfinite(runs[0][0]))
+
+
+def test_m_conflict_free_donated_state_gives_the_same_steps():
+    """With the state donated, the moments are updated in place: same numbers."""
+    k = 3
+    tx = mtl_optax.get("m_conflict_free", num_tasks=k)
+    params = _params(jnp.float32)
+    masks = [[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 1, 0], [1, 0, 1]]
+    jacs = [_tree(_random(10 + i, k), jnp.float32) for i in range(len(masks))]
+    runs = []
+    for donate in ((), (1,)):
+        step = jax.jit(tx.update, donate_argnums=donate)
+        state, us = tx.init(params), []
+        for jac, mask in zip(jacs, masks, strict=True):
+            u, state = step(jac, state, params, task_mask=jnp.array(mask, bool))
+            us.append(_vec(u))
+        runs.append((us, jax.device_get(state)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    chex.assert_trees_all_equal(runs[0][1], runs[1][1])
+    assert np.all(np.abs(runs[0][0][-1]) > 0)
 
 
 def test_m_conflict_free_task_indices_equal_the_mask():
