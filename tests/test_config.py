@@ -433,8 +433,9 @@ def test_m_conflict_free_follows_its_rule(x64, beta_1, beta_2):
         u, state = step(_tree(np.where(mask[:, None], jac, 0.0)), state, params, task_mask=mask)
         if i < 2:
             assert np.all(_vec(u) == 0.0) and int(state.count) == 0
-            # The second moments stay zero until every task has had a gradient
-            # (the update relies on it: it does not re-read the old pseudo_mu).
+            # The pseudo first moment and the second moment stay zero until every
+            # task has had a gradient (the update relies on it: it does not
+            # re-read the old pseudo_mu).
             assert np.all(_vec(state.pseudo_mu) == 0.0) and np.all(_vec(state.nu) == 0.0)
         else:
             np.testing.assert_allclose(_vec(u), expected[i], rtol=1e-9)
