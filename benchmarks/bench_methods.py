@@ -10,7 +10,8 @@ and on the same machine:
   Gramian-based method must do at least this much work. It is timed again for
   every method, in bursts of calls interleaved with the method's;
 * the PyTorch references that implement the same method (torchjd,
-  conflictfree, LibMTL where it takes a plain matrix), on the same J.
+  conflictfree, LibMTL where it takes a plain matrix), on the same J, in the
+  same interleaved bursts.
 
 Times are medians of repeated calls after compilation / warm-up. The table
 prints the ratios ``jax / floor`` (target: <= 1.5 at P >= 1e6) and
@@ -70,6 +71,10 @@ def _time_interleaved(
     call each, until every function has ``repeats`` calls or ``budget_s``
     seconds have passed (with at least 3 calls each): a slow minute of a
     shared machine then slows every function alike, and their ratio holds.
+    Each burst starts with one untimed call, so that no timed call shares the
+    cores with the previous function's threads still spinning (torch's
+    OpenMP workers spin for a while after each parallel region; a JAX call
+    right after a torch burst was up to 2x slower).
     """
     for fn in fns:
         jax.block_until_ready(fn())
@@ -77,6 +82,7 @@ def _time_interleaved(
     start = time.perf_counter()
     while len(times[0]) < repeats:
         for fn, out in zip(fns, times, strict=True):
+            jax.block_until_ready(fn())
             for _ in range(burst):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
@@ -248,31 +254,32 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
                     out, holder[0] = step(J, holder[0])
                     return out, holder[0]
 
-                # The floor is timed beside each method (interleaved), so that the
-                # ratio is not that of two different minutes of a noisy machine.
-                jax_ms, floor_ms = _time_interleaved(
-                    [call, lambda J=J: floor(J)], repeats, 2 * budget_s
-                )
-                row = {
-                    "method": name,
-                    "K": k,
-                    "P": p,
-                    "jax_ms": jax_ms,
-                    "floor_ms": floor_ms,
-                    "dispatch_ms": noop_ms,
-                }
+                row = {"method": name, "K": k, "P": p, "dispatch_ms": noop_ms}
+                # The floor and the torch references are timed beside each method
+                # (interleaved), so that their ratios are not those of two different
+                # minutes of a noisy machine. A reference that fails on its first
+                # call is reported, not fatal.
+                refs = {}
                 if J_torch is not None:
                     for ref, fn in torch_references(name, k).items():
+                        ref_call = lambda fn=fn, J_torch=J_torch: fn(J_torch)
                         try:
                             with warnings.catch_warnings():
                                 warnings.simplefilter("ignore")
-                                row[f"{ref}_ms"] = _time(
-                                    lambda fn=fn, J_torch=J_torch: fn(J_torch),
-                                    max(3, repeats // 2),
-                                    budget_s,
-                                )
-                        except Exception as err:  # a reference failing is reported, not fatal
+                                ref_call()
+                        except Exception as err:
                             row[f"{ref}_error"] = f"{type(err).__name__}: {err}"[:120]
+                        else:
+                            refs[ref] = ref_call
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    jax_ms, floor_ms, *ref_ms = _time_interleaved(
+                        [call, lambda J=J: floor(J), *refs.values()],
+                        repeats,
+                        (2 + len(refs)) * budget_s,
+                    )
+                row.update(jax_ms=jax_ms, floor_ms=floor_ms)
+                row.update({f"{ref}_ms": ms for ref, ms in zip(refs, ref_ms, strict=True)})
                 rows.append(row)
                 print(_format_row(row), flush=True)
     return rows

@@ -65,6 +65,12 @@ _CPU_LANES = 8
 # columns when the leaf has at least two such blocks.
 _CPU_VDOT_MAX_TASKS = 2
 _CPU_VDOT_BLOCK_COLUMNS = 1 << 19
+# A Gramian of 1 or 2 rows of at least _CPU_ROWS_MIN_COLUMNS and at most
+# _CPU_ROWS_MAX_COLUMNS columns: squared norms in one reduction over the leaf,
+# the product of the two rows in blocks of _CPU_VDOT_BLOCK_COLUMNS (see
+# _cpu_row_gramian).
+_CPU_ROWS_MIN_COLUMNS = _CPU_BLOCKED_MIN_COLUMNS
+_CPU_ROWS_MAX_COLUMNS = 1 << 22
 
 
 def leaf_path(path: tuple[Any, ...]) -> str:
@@ -245,12 +251,18 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
       against 3.1 ms for the lane reduction below);
     * up to 4 tasks, from 256k columns on: blocks of 64k columns reduced
       elementwise (:func:`_cpu_lane_cross`), where XLA's dot is slow;
-    * except a Gramian (``y`` is ``x``) of 1 or 2 tasks, from 256k columns
-      on: one vector dot per pair of rows (:func:`_cpu_vdot_gramian`), in
-      blocks of 512k columns from 1M columns on (2 x 1e6: 0.5 against 0.75
-      ms for the lane reduction; 2 x 4e6: 2.3 against 3.4 ms; 2 x 1e7: 5.4
-      against 8.0 ms; interleaved, 20th percentiles). For a cross product
-      the four dots re-read both leaves, and the lane reduction stays faster.
+    * except a Gramian (``y`` is ``x``) of 2 tasks: from 256k to 4M
+      columns, the two squared norms in one reduction over the whole leaf and
+      the product of the rows in blocks (:func:`_cpu_row_gramian`; 2 x 1e6:
+      0.66–0.69 against 1.25–1.32 ms for the vector dots below, 2 x 4e6:
+      2.8 against 4.0 ms, 2 x 3e5: 0.27–0.29 against 0.41–0.47 ms; torch's
+      ``J @ J.T`` 0.58–0.60, 3.6–4.0 and 0.17 ms in the same loops); beyond
+      4M columns, one vector dot per pair of rows
+      (:func:`_cpu_vdot_gramian`) in blocks of 512k columns (2 x 1e7: 5.4
+      against 8.0 ms for the lane reduction). For a cross product the four
+      dots re-read both leaves, and the lane reduction stays faster;
+    * and a Gramian of 1 task, at any length: XLA's dot of the row with
+      itself, a vector dot on the leaf.
 
     Other backends take the plain contraction.
 
@@ -279,7 +291,14 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     dims = (((1,), (1,)), ((), ()))
     few = k <= _CPU_FEW_TASKS
     min_columns = _CPU_BLOCKED_MIN_COLUMNS if few else _CPU_DOT_BLOCKED_MIN_COLUMNS
-    if jax.default_backend() != "cpu" or n < min_columns:
+    cpu = jax.default_backend() == "cpu"
+    if cpu and symmetric and k == 1:
+        # One row: XLA's dot reads it as one vector dot (1 x 1e7 float32: 1.1
+        # against 2.3 ms for the blocked vector dots below).
+        return lax.dot_general(x, y, dims, preferred_element_type=dtype)
+    if cpu and symmetric and k == 2 and _CPU_ROWS_MIN_COLUMNS <= n <= _CPU_ROWS_MAX_COLUMNS:
+        return _cpu_row_gramian(x, dtype)
+    if not cpu or n < min_columns:
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     vdot = symmetric and k <= _CPU_VDOT_MAX_TASKS
     if vdot:
@@ -330,6 +349,44 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     elif done < n:
         acc = acc + lax.dot_general(x[:, done:], y[:, done:], dims, preferred_element_type=dtype)
     return acc
+
+
+def _cpu_row_gramian(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x @ x.T`` for two rows: squared norms over the whole leaf, the cross term in blocks.
+
+    XLA's CPU backend hands a sum of products over the minor axis of a
+    parameter to its fast reduction kernel (YNNPACK), which reads the leaf
+    once, but copies out every row it slices first. So the squared norms of
+    the rows are one reduction of ``x * x`` over the columns of the whole
+    leaf, with no slice. The product of the two rows is the product over the
+    task axis, which XLA computes in a loop over each block of
+    ``_CPU_VDOT_BLOCK_COLUMNS`` columns (512k, 2 MB of float32 products)
+    and the kernel sums while it is in cache. The leaf is thus read twice
+    from memory, against one copy of it and four row reads for the vector
+    dots of :func:`_cpu_vdot_gramian`, which stay faster beyond
+    ``_CPU_ROWS_MAX_COLUMNS`` (4M) columns, where a leaf no longer fits in
+    the last-level cache between the two reads (measured on 2 cores,
+    float32, in one interleaved loop: see ``benchmarks/README.md``).
+    """
+    n = x.shape[1]
+    xf = x.astype(dtype)
+    norms = jnp.sum(xf * xf, axis=1)
+
+    def cross(block):
+        return jnp.sum(jnp.prod(block.astype(dtype), axis=0))
+
+    b = _CPU_VDOT_BLOCK_COLUMNS
+    steps = n // b
+    acc = jnp.zeros((), dtype)
+    if steps:
+        acc, _ = lax.scan(
+            lambda acc, i: (acc + cross(lax.dynamic_slice_in_dim(x, i * b, b, axis=1)), None),
+            acc,
+            jnp.arange(steps),
+        )
+    if steps * b < n:
+        acc = acc + cross(x[:, steps * b :])
+    return jnp.stack([jnp.stack([norms[0], acc]), jnp.stack([acc, norms[1]])])
 
 
 def _cpu_vdot_gramian(x: jax.Array, dtype: Any) -> jax.Array:

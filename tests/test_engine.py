@@ -106,19 +106,30 @@ def test_gramian_blocked_path_matches_numpy(k, columns):
         2 * engine._CPU_VDOT_BLOCK_COLUMNS - 7,
         2 * engine._CPU_VDOT_BLOCK_COLUMNS + 12_345,
         3 * engine._CPU_VDOT_BLOCK_COLUMNS,
+        engine._CPU_ROWS_MAX_COLUMNS + engine._CPU_VDOT_BLOCK_COLUMNS + 5,
     ],
 )
 @pytest.mark.parametrize("k", [1, engine._CPU_VDOT_MAX_TASKS])
-def test_gramian_vector_dot_path_matches_numpy(k, columns, dtype, x64):
-    """One or two long rows on CPU: vector dots per pair of rows, blocked from two blocks on.
+def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, monkeypatch):
+    """One or two long rows on CPU: the paths of ``_cpu_row_gramian`` and ``_cpu_vdot_gramian``.
 
-    The column counts give one unblocked pass, two loop steps and a ragged
-    remainder, and three steps with none; accumulated in float32 for bfloat16
-    leaves, in float64 for float64 ones.
+    For two rows, the first three column counts take the squared norms over
+    the whole leaf and the cross term in blocks (one loop step and a ragged
+    remainder, two steps and a remainder, three steps and none); the last,
+    beyond ``_CPU_ROWS_MAX_COLUMNS``, takes the blocked vector dots. One row
+    is one dot at any length. Accumulated in float32 for bfloat16 leaves, in
+    float64 for float64 ones.
     """
+    calls = []
+    for name in ("_cpu_row_gramian", "_cpu_vdot_gramian"):
+        fn = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     rng = np.random.default_rng(columns)
     x = jnp.asarray(rng.standard_normal((k, columns)), dtype)
     got = mtl_optax.gramian({"x": x})
+    rows = columns <= engine._CPU_ROWS_MAX_COLUMNS
+    expected = [] if k == 1 else ["_cpu_row_gramian"] if rows else ["_cpu_vdot_gramian"]
+    assert sorted(set(calls)) == expected
     assert got.dtype == engine.accumulation_dtype(x.dtype)
     ref = np.asarray(x, np.float64) @ np.asarray(x, np.float64).T
     tol = 1e-12 if dtype == np.float64 else 1e-5
