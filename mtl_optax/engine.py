@@ -60,12 +60,12 @@ _CPU_STEP_BYTES = 8 << 20
 _CPU_LANE_MAX_TASKS = 4
 _CPU_LANE_BLOCK_COLUMNS = 1 << 16
 _CPU_LANES = 8
-# Up to this many tasks, long leaves are reduced on CPU as one vector dot per
-# pair of rows (see _cpu_vdot_gramian), in blocks of _CPU_VDOT_BLOCK_COLUMNS
-# columns when the leaf has at least two such blocks.
+# The Gramian of a leaf of this many tasks (2) beyond _CPU_ROWS_MAX_COLUMNS
+# columns is reduced on CPU as one vector dot per pair of rows (see
+# _cpu_vdot_gramian), in blocks of _CPU_VDOT_BLOCK_COLUMNS columns.
 _CPU_VDOT_MAX_TASKS = 2
 _CPU_VDOT_BLOCK_COLUMNS = 1 << 19
-# A Gramian of 1 or 2 rows of at least _CPU_ROWS_MIN_COLUMNS and at most
+# The Gramian of 2 rows of at least _CPU_ROWS_MIN_COLUMNS and at most
 # _CPU_ROWS_MAX_COLUMNS columns: squared norms in one reduction over the leaf,
 # the product of the two rows in blocks of _CPU_VDOT_BLOCK_COLUMNS (see
 # _cpu_row_gramian).
