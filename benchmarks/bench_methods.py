@@ -38,6 +38,7 @@ import ctypes
 import json
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -74,14 +75,20 @@ def _time_interleaved(
     Each burst starts with one untimed call, so that no timed call shares the
     cores with the previous function's threads still spinning (torch's
     OpenMP workers spin for a while after each parallel region; a JAX call
-    right after a torch burst was up to 2x slower).
+    right after a torch burst was up to 2x slower), and the order of the
+    functions is shuffled every round (with a fixed seed), so that none always
+    follows the same neighbour (in a fixed order, the same Gramian read 30 %
+    slower right after a long XLA contraction than before it).
     """
     for fn in fns:
         jax.block_until_ready(fn())
     times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    rng = random.Random(0)
     start = time.perf_counter()
     while len(times[0]) < repeats:
-        for fn, out in zip(fns, times, strict=True):
+        rng.shuffle(order)
+        for fn, out in ((fns[i], times[i]) for i in order):
             jax.block_until_ready(fn())
             for _ in range(burst):
                 t0 = time.perf_counter()

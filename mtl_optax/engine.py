@@ -253,11 +253,12 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
       elementwise (:func:`_cpu_lane_cross`), where XLA's dot is slow;
     * except a Gramian (``y`` is ``x``) of 2 tasks: from 256k to 4M
       columns, the two squared norms in one reduction over the whole leaf and
-      the product of the rows in blocks (:func:`_cpu_row_gramian`; 2 x 1e6:
-      0.66–0.69 against 1.25–1.32 ms for the vector dots below, 2 x 4e6:
-      2.8 against 4.0 ms, 2 x 3e5: 0.27–0.29 against 0.41–0.47 ms; torch's
-      ``J @ J.T`` 0.58–0.60, 3.6–4.0 and 0.17 ms in the same loops); beyond
-      4M columns, one vector dot per pair of rows
+      the product of the rows in blocks (:func:`_cpu_row_gramian`; 2 x 3e5:
+      0.22–0.23 against 0.30–0.33 ms for the vector dots below, 2 x 1e6:
+      0.41–0.52 against 0.66–0.82 ms, 2 x 4e6: 2.1–3.1 against 2.4–3.1 ms,
+      in loops that shuffle the order every round; torch's ``J @ J.T``
+      0.14–0.18, 0.50–0.58 and 3.4–4.0 ms); beyond 4M columns, one vector
+      dot per pair of rows
       (:func:`_cpu_vdot_gramian`) in blocks of 512k columns (2 x 1e7: 5.4
       against 8.0 ms for the lane reduction). For a cross product the four
       dots re-read both leaves, and the lane reduction stays faster;
@@ -293,8 +294,8 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     min_columns = _CPU_BLOCKED_MIN_COLUMNS if few else _CPU_DOT_BLOCKED_MIN_COLUMNS
     cpu = jax.default_backend() == "cpu"
     if cpu and symmetric and k == 1:
-        # One row: XLA's dot reads it as one vector dot (1 x 1e7 float32: 1.1
-        # against 2.3 ms for the blocked vector dots below).
+        # One row: XLA's dot reads it as one vector dot (1 x 1e7 float32:
+        # 1.35–1.39 against 2.2–2.6 ms for the blocked vector dots below).
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     if cpu and symmetric and k == 2 and _CPU_ROWS_MIN_COLUMNS <= n <= _CPU_ROWS_MAX_COLUMNS:
         return _cpu_row_gramian(x, dtype)
