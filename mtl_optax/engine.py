@@ -303,9 +303,8 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     vdot = symmetric and k <= _CPU_VDOT_MAX_TASKS
     if vdot:
+        # Only 2 rows of more than _CPU_ROWS_MAX_COLUMNS columns get here.
         b, per_step = _CPU_VDOT_BLOCK_COLUMNS, 1
-        if n < 2 * b:
-            return _cpu_vdot_gramian(x, dtype)
 
         def block_cross(xb, yb):
             del yb  # xb itself: a Gramian

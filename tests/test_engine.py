@@ -85,7 +85,7 @@ def test_gramian_float64_leaves_stay_float64(x64):
     ],
 )
 def test_gramian_blocked_path_matches_numpy(k, columns):
-    """Long leaves take a blocked scan on CPU (vector dots up to 2 tasks, lane reduction up to 4, dots beyond).
+    """Long leaves take a blocked path on CPU (2 tasks: row products, up to 4: lane reduction, dots beyond).
 
     The column counts leave whole blocks after the last loop step (fewer
     blocks per step at 40 tasks), a ragged remainder and one that is not a
