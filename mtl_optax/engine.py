@@ -56,7 +56,8 @@ _CPU_BLOCKS_PER_STEP = 16
 _CPU_STEP_BYTES = 8 << 20
 # Up to this many tasks, long leaves are reduced on CPU with an elementwise
 # multi-output reduction per block instead of a dot (see _cpu_lane_cross),
-# except a Gramian's 1 or 2 rows, which take the vector dots below.
+# except a Gramian of 1 row (XLA's dot) or 2 rows (_cpu_row_gramian, or the
+# vector dots below beyond _CPU_ROWS_MAX_COLUMNS).
 _CPU_LANE_MAX_TASKS = 4
 _CPU_LANE_BLOCK_COLUMNS = 1 << 16
 _CPU_LANES = 8
@@ -390,7 +391,7 @@ def _cpu_row_gramian(x: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _cpu_vdot_gramian(x: jax.Array, dtype: Any) -> jax.Array:
-    """``x @ x.T`` for one or two rows, as one vector dot per pair of rows ``i <= j``.
+    """``x @ x.T`` for two rows (a block of a longer leaf), as one vector dot per pair ``i <= j``.
 
     XLA's CPU dot of two long vectors runs on both cores of the machine
     measured here, where its ``(2, n) @ (n, 2)`` contraction is slow and the
