@@ -138,6 +138,49 @@ def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, m
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        engine._CPU_SPLIT_MIN_COLUMNS - 2,  # too short: the plain dot
+        engine._CPU_SPLIT_MIN_COLUMNS,
+        100_000,
+        engine._CPU_BLOCKED_MIN_COLUMNS - 2,
+        100_001,  # odd: the plain dot
+    ],
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["gramian", "cross"])
+def test_two_rows_of_even_length_take_one_dot_of_their_half_rows(
+    symmetric, columns, dtype, x64, monkeypatch
+):
+    """``_cpu_split_cross``: two rows of an even length below the blocked paths.
+
+    The four half rows' ``4 x 4`` products, diagonal blocks added, equal
+    ``x @ y.T`` for a Gramian and for a cross product of two different leaves
+    (not symmetric, so a block taken from the wrong place would show); too
+    short or odd leaves keep XLA's plain dot.
+    """
+    calls = []
+    fn = engine._cpu_split_cross
+    monkeypatch.setattr(engine, "_cpu_split_cross", lambda *a: calls.append(1) or fn(*a))
+    rng = np.random.default_rng(columns)
+    x = jnp.asarray(rng.standard_normal((2, columns)), dtype)
+    acc = engine.accumulation_dtype(x.dtype)
+    if symmetric:
+        y = x
+        got = mtl_optax.gramian({"x": x})
+    else:  # a second leaf correlated with x: large, unequal cross products
+        mix = np.array([[1.0, 0.5], [-2.0, 1.0]])
+        y = jnp.asarray(mix @ np.asarray(x, np.float64) + 0.1, dtype)
+        got = jax.jit(engine.leaf_cross, static_argnums=2)(x, y, acc)
+    split = columns % 2 == 0 and columns >= engine._CPU_SPLIT_MIN_COLUMNS
+    assert len(calls) == (1 if split and jax.default_backend() == "cpu" else 0)
+    assert got.dtype == acc
+    ref = np.asarray(x, np.float64) @ np.asarray(y, np.float64).T
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=tol, atol=tol * columns)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
 @pytest.mark.parametrize("k", [2, 5, 9])
 def test_leaf_cross_of_two_long_leaves_matches_numpy(k, dtype, x64):
     """The blocked paths on two different leaves (``cross_gramian``) in every dtype."""
