@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax import _random
 from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
@@ -247,8 +248,8 @@ def rlw(key: jax.Array | int = 0, num_tasks: int | None = None) -> WeightedTrans
 
     def weights(gramian, state, value, *, num_tasks, dtype):
         del gramian, value
-        next_key, draw_key = jax.random.split(state.key)
-        w = jax.nn.softmax(jax.random.normal(draw_key, (num_tasks,), dtype))
+        next_key, draw_key = _random.split(state.key)
+        w = jax.nn.softmax(jax.random.normal(_random.fused(draw_key), (num_tasks,), dtype))
         return w, RLWState(weights=w.astype(jnp.float32), key=next_key)
 
     return from_weighting(

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from mtl_optax import engine
+from mtl_optax import _random, engine
 from mtl_optax._random import threefry_2x32_bits
 from mtl_optax.base import PerTaskTransformation, canonicalize_key
 from mtl_optax.engine import leaf_path as _path
@@ -106,7 +106,7 @@ def graddrop_uniforms(
     key = canonicalize_key(key)
     axes = _normalize_batch_axes(batch_axes)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(task_grads)
-    keys = jax.random.split(key, max(len(leaves), 1))
+    keys = _random.split(key, max(len(leaves), 1))
     out = []
     for (path, leaf), leaf_key in zip(leaves, keys, strict=False):
         shape = tuple(jnp.shape(leaf))[1:]
@@ -131,7 +131,7 @@ def _uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     implementations use ``jax.random.bits``. In float64, ``jax.random.uniform``.
     """
     if jnp.dtype(dtype) != jnp.float32:
-        return jax.random.uniform(key, shape, dtype)
+        return jax.random.uniform(_random.fused(key), shape, dtype)
     size = math.prod(shape)
     if str(jax.random.key_impl(key)) == "threefry2x32" and 0 < size < 2**32:
         bits = threefry_2x32_bits(jax.random.key_data(key), size).reshape(shape)
@@ -464,13 +464,13 @@ def graddrop(
         return GradDropState(key=jnp.copy(base_key))
 
     def uniforms_fn(task_grads: Any, state: GradDropState) -> Any:
-        return graddrop_uniforms(jax.random.split(state.key)[1], task_grads, batch_axes=axes)
+        return graddrop_uniforms(_random.split(state.key)[1], task_grads, batch_axes=axes)
 
     def step(updates, state, params, graddrop_uniforms_, per_task, value=None):
         k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method=_NAME)
         if value is not None:  # not read, but a mis-shaped value is a caller's bug
             engine.check_value(value, k, method=_NAME)
-        next_key, draw_key = jax.random.split(state.key)
+        next_key, draw_key = _random.split(state.key)
         if graddrop_uniforms_ is None:
             u = graddrop_uniforms(draw_key, updates, batch_axes=axes)
         else:

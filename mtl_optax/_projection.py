@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtl_optax import engine
+from mtl_optax import _random, engine
 from mtl_optax.base import (
     PerTaskTransformation,
     WeightedTransformation,
@@ -69,7 +69,7 @@ def _draw_orders(key: jax.Array, num_tasks: int) -> jax.Array:
     """
     shape = (num_tasks, num_tasks - 1)
     # One flat draw (XLA compiles threefry on a 1-d shape several times faster).
-    bits = jax.random.bits(key, (2 * num_tasks * (num_tasks - 1),), jnp.uint32)
+    bits = jax.random.bits(_random.fused(key), (2 * num_tasks * (num_tasks - 1),), jnp.uint32)
     high, low = bits.reshape(2, *shape)
     positions = lax.broadcasted_iota(jnp.int32, shape, 1)
     perms = lax.sort((high, low, positions), dimension=1, num_keys=2)[2]
@@ -89,7 +89,7 @@ def _next_orders(key: jax.Array, num_tasks: int) -> tuple[jax.Array, jax.Array]:
     ``_next_orders(state.key, K)[1]`` are the orders the next update will use
     (tests replay them through the references).
     """
-    next_key, draw_key = jax.random.split(key)
+    next_key, draw_key = _random.split(key)
     return next_key, _draw_orders(draw_key, num_tasks)
 
 

@@ -11,6 +11,12 @@ into one vectorised elementwise loop together with whatever reads the bits
 (Salmon et al. 2011, 20 rounds, JAX's counter layout), which
 ``tests/test_random.py`` checks, together with Random123's known-answer vectors.
 
+The same rounds also stand behind :func:`fused` and :func:`split`, which give
+every ``jax.random`` function *the same draws* as a Threefry key, without the
+loop that JAX's Threefry kernel compiles to on CPU (five iterations of four
+rounds, a ``while`` that XLA runs as tens of tiny steps: about 50 µs of a
+method's step, whatever the size of the gradients).
+
 References:
   Salmon, Moraes, Dror and Shaw, `Parallel random numbers: as easy as 1, 2, 3
   <https://doi.org/10.1145/2063384.2063405>`_, SC 2011.
@@ -18,11 +24,14 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["threefry_2x32", "threefry_2x32_bits"]
+__all__ = ["fused", "split", "threefry_2x32", "threefry_2x32_bits"]
 
 # Threefry-2x32 rotation constants (two groups of four rounds, alternating) and
 # the key-schedule parity constant.
@@ -89,3 +98,101 @@ def threefry_2x32_bits(key_data: jax.Array, n: int) -> jax.Array:
         second = jnp.where(second < jnp.uint32(n), second, jnp.uint32(0))
     y0, y1 = threefry_2x32((key_data[0], key_data[1]), (first, second))
     return jnp.concatenate([y0, y1])[:n]
+
+
+# ---------------------------------------------------------------------------
+# jax.random's Threefry, bit for bit, without the rolled loop.
+# ---------------------------------------------------------------------------
+
+_THREEFRY = jax_random_ext.threefry_prng_impl
+_THREEFRY_NAME = "threefry2x32"
+
+
+def _unrolled_applies(shape: tuple[int, ...]) -> bool:
+    # JAX's partitionable Threefry (its default) numbers the draws of a shape
+    # with a 64-bit counter: below 2**32 draws its high word is 0. The original
+    # layout (jax_threefry_partitionable=False) is left to JAX's kernel.
+    return bool(jax.config.jax_threefry_partitionable) and math.prod(shape) < 2**32
+
+
+def _counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    n = math.prod(shape)
+    return jnp.zeros(shape, jnp.uint32), lax.iota(jnp.uint32, n).reshape(shape)
+
+
+def _split(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    shape = tuple(shape)
+    if not _unrolled_applies(shape):
+        return _THREEFRY.split(key_data, shape)
+    y0, y1 = threefry_2x32((key_data[0], key_data[1]), _counters(shape))
+    return jnp.stack([y0, y1], axis=len(shape))
+
+
+def _random_bits(key_data: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+    shape = tuple(shape)
+    if bit_width not in (8, 16, 32, 64) or not _unrolled_applies(shape):
+        return _THREEFRY.random_bits(key_data, bit_width, shape)
+    y0, y1 = threefry_2x32((key_data[0], key_data[1]), _counters(shape))
+    if bit_width == 64:  # only asked for with jax_enable_x64
+        wide = jnp.uint64
+        return (y0.astype(wide) << jnp.asarray(32, wide)) | y1.astype(wide)
+    bits = y0 ^ y1
+    return bits if bit_width == 32 else bits.astype(jnp.dtype(f"uint{bit_width}"))
+
+
+_FUSED_IMPL = jax_random_ext.define_prng_impl(
+    key_shape=(2,),
+    seed=_THREEFRY.seed,
+    split=_split,
+    random_bits=_random_bits,
+    fold_in=_THREEFRY.fold_in,
+    name="mtl_optax_threefry2x32_unrolled",
+    tag="mfry",
+)
+
+
+def _is_threefry(key: jax.Array) -> bool:
+    return str(jax.random.key_impl(key)) == _THREEFRY_NAME
+
+
+def fused(key: jax.Array) -> jax.Array:
+    """The same key, drawn from with the unrolled rounds: identical ``jax.random`` draws.
+
+    For a typed Threefry-2x32 key, a key of an equivalent implementation whose
+    ``split`` and ``random_bits`` are JAX's partitionable Threefry (its default)
+    computed by :func:`threefry_2x32`'s unrolled rounds, so that
+    ``jax.random.normal(fused(key), ...)`` equals ``jax.random.normal(key, ...)``
+    bit for bit (as do ``bits``, ``uniform``, ``permutation`` and the rest,
+    which ``tests/test_random.py`` checks), without JAX's CPU kernel, whose
+    rolled loop costs about 50 µs per draw on CPU whatever its size. Other
+    key implementations, or ``jax_threefry_partitionable=False``, are
+    returned (or served) as they are.
+
+    Args:
+      key: a typed PRNG key (``jax.random.key``).
+
+    Returns:
+      A typed key of the same data.
+    """
+    if not _is_threefry(key):
+        return key
+    return jax.random.wrap_key_data(jax.random.key_data(key), impl=_FUSED_IMPL)
+
+
+def split(key: jax.Array, num: int = 2) -> jax.Array:
+    """``jax.random.split(key, num)``, bit for bit, in the key's own implementation.
+
+    For a Threefry key the new keys come from :func:`fused` (no rolled loop)
+    and are returned as Threefry keys again.
+
+    Args:
+      key: a typed PRNG key.
+      num: how many keys.
+
+    Returns:
+      ``num`` typed keys of ``key``'s implementation.
+    """
+    if not _is_threefry(key):
+        return jax.random.split(key, num)
+    keys = jax.random.split(fused(key), num)
+    return jax.random.wrap_key_data(jax.random.key_data(keys), impl=_THREEFRY_NAME)

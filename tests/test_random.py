@@ -1,11 +1,15 @@
 """The fused Threefry-2x32 of ``mtl_optax._random`` against Random123's vectors and JAX's kernel."""
 
+import math
+import re
+
 import jax
 import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtl_optax import _random
 from mtl_optax._graddrop import _uniform
 from mtl_optax._random import threefry_2x32, threefry_2x32_bits
 
@@ -51,3 +55,102 @@ def test_bad_arguments_are_refused():
         threefry_2x32((jnp.uint32(0), jnp.uint32(0)), (jnp.uint32(0), jnp.uint32(0)), rounds=13)
     with pytest.raises(ValueError, match=r"\[1, 2\*\*32\)"):
         threefry_2x32_bits(jnp.zeros(2, jnp.uint32), 0)
+
+
+SEEDS = [0, 7, 2**31 + 5, 123_456_789]
+
+
+def _data(keys):
+    return np.asarray(jax.random.key_data(keys))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("num", [1, 2, 3, 17])
+def test_split_equals_jax_random_split(seed, num):
+    key = jax.random.key(seed)
+    ours = jax.jit(_random.split, static_argnums=1)(key, num)
+    assert str(jax.random.key_impl(ours)) == "threefry2x32" and ours.shape == (num,)
+    np.testing.assert_array_equal(_data(ours), _data(jax.random.split(key, num)))
+    # Under vmap over keys too (e.g. a vmapped optimizer state).
+    keys = jax.random.split(key, 3)
+    np.testing.assert_array_equal(
+        _data(jax.vmap(lambda k: _random.split(k, num))(keys)),
+        _data(jax.vmap(lambda k: jax.random.split(k, num))(keys)),
+    )
+
+
+DRAWS = {
+    "bits": lambda k, shape, dtype: jax.random.bits(k, shape, jnp.uint32),
+    "bits8": lambda k, shape, dtype: jax.random.bits(k, shape, jnp.uint8),
+    "bits16": lambda k, shape, dtype: jax.random.bits(k, shape, jnp.uint16),
+    "uniform": lambda k, shape, dtype: jax.random.uniform(k, shape, dtype),
+    "normal": lambda k, shape, dtype: jax.random.normal(k, shape, dtype),
+    "randint": lambda k, shape, dtype: jax.random.randint(k, shape, -5, 1000),
+    "permutation": lambda k, shape, dtype: jax.random.permutation(k, math.prod(shape)),
+    "split_then_normal": lambda k, shape, dtype: jax.random.normal(
+        jax.random.split(k)[1], shape, dtype
+    ),
+}
+
+
+@pytest.mark.parametrize("draw", list(DRAWS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (40,), (3, 5), (2, 3, 1001)])
+def test_fused_key_draws_equal_threefry_draws(draw, dtype, shape):
+    """Every jax.random function draws the same values from ``fused(key)`` as from ``key``."""
+    fn = DRAWS[draw]
+    for seed in SEEDS:
+        key = jax.random.key(seed)
+        theirs = fn(key, shape, dtype)
+        ours = jax.jit(lambda k: fn(_random.fused(k), shape, dtype))(key)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("draw", ["bits", "uniform", "normal"])
+def test_fused_key_draws_equal_threefry_draws_in_float64(draw, x64):
+    """64-bit draws (x64 enabled) combine the two output words, as JAX does."""
+    fn = DRAWS[draw]
+    dtype = jnp.float64
+    if draw == "bits":
+        fn = lambda k, shape, dtype: jax.random.bits(k, shape, jnp.uint64)
+    for seed in SEEDS:
+        key = jax.random.key(seed)
+        ours = jax.jit(lambda k: fn(_random.fused(k), (7, 3), dtype))(key)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(fn(key, (7, 3), dtype)))
+
+
+def test_original_threefry_layout_is_left_to_jax():
+    """With jax_threefry_partitionable=False the draws still equal JAX's (its own kernel)."""
+    with jax.threefry_partitionable(False):
+        key = jax.random.key(5)
+        np.testing.assert_array_equal(
+            _data(jax.jit(_random.split, static_argnums=1)(key, 3)),
+            _data(jax.random.split(key, 3)),
+        )
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(lambda k: jax.random.normal(_random.fused(k), (9,)))(key)),
+            np.asarray(jax.random.normal(key, (9,))),
+        )
+
+
+def test_other_key_implementations_pass_through():
+    key = jax.random.key(3, impl="rbg")
+    assert _random.fused(key) is key
+    np.testing.assert_array_equal(_data(_random.split(key, 4)), _data(jax.random.split(key, 4)))
+
+
+def test_split_and_draws_compile_without_a_loop():
+    """The point of :func:`_random.fused`: no rolled Threefry loop in the compiled step.
+
+    JAX's Threefry kernel compiles to a ``while`` of five iterations on CPU,
+    which XLA runs as tens of tiny steps (about 50 µs); the unrolled rounds
+    compile to straight-line fusions.
+    """
+
+    def step(key):
+        next_key, draw_key = _random.split(key)
+        return next_key, jax.random.normal(_random.fused(draw_key), (10,))
+
+    hlo = jax.jit(step).lower(jax.random.key(0)).compile().as_text()
+    assert not re.search(r"\bwhile\(", hlo)
