@@ -133,7 +133,7 @@ def _uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     if jnp.dtype(dtype) != jnp.float32:
         return jax.random.uniform(_random.fused(key), shape, dtype)
     size = math.prod(shape)
-    if str(jax.random.key_impl(key)) == "threefry2x32" and 0 < size < 2**32:
+    if _random._is_threefry(key) and 0 < size < 2**32:
         bits = threefry_2x32_bits(jax.random.key_data(key), size).reshape(shape)
     else:
         bits = jax.random.bits(key, shape, jnp.uint32)
