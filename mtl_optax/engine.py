@@ -266,8 +266,8 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
       (:func:`_cpu_vdot_gramian`) in blocks of 512k columns (2 x 1e7: 5.4
       against 8.0 ms for the lane reduction). For a cross product the four
       dots re-read both leaves, and the lane reduction stays faster;
-    * a Gramian or cross product of 2 tasks shorter than that, of an even
-      length from 16k columns on: one dot of the four half rows
+    * a Gramian or cross product of 2 tasks of an even length from 16k
+      columns up to 256k: one dot of the four half rows
       (:func:`_cpu_split_cross`; 2 x 1e5: 0.050–0.064 against 0.079–0.094 ms
       for the plain dot);
     * and a Gramian of 1 task, at any length: XLA's dot of the row with
