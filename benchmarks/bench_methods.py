@@ -23,12 +23,24 @@ Usage::
   python benchmarks/bench_methods.py --quick          # K in {2,10}, P in {1e5,1e6}
   python benchmarks/bench_methods.py --methods mgda,cagrad --no-torch --json out.json
   python benchmarks/bench_methods.py --P 1e7 --heap-allocator   # no page faults (see below)
+  python benchmarks/bench_methods.py --sync-dispatch    # JAX runs each call on the caller's thread
 
 ``--heap-allocator`` makes glibc ``malloc`` reuse freed memory for large blocks
 instead of mapping fresh pages for every new output (``use_heap_allocator``):
 at ``P = 1e7`` the first-touch page faults of a fresh 40 MB output otherwise
 cost more than the arithmetic, in torch and in JAX alike, and make the times
 bimodal from run to run.
+
+``--sync-dispatch`` sets ``jax_cpu_enable_async_dispatch`` to ``False``: JAX
+then runs each call on the calling thread, as torch runs its eager ops. By
+default (asynchronous dispatch) a call that is not trivially cheap is handed
+to a worker thread while the caller waits for its result; on this 2-vCPU VM
+that handoff costs the waiting thread a wake-up, 50 to 80 us per blocked call
+(the engine floor at K = 2, P = 1e5: 0.158 ms asynchronous, 0.082 ms
+synchronous; 2 x 1e6: 0.68 against 0.48 ms). That is a cost of calling a
+jitted function on its own and waiting for it, not of the method: inside a
+jitted training step it is paid once per step, whatever the step contains.
+Rows timed this way are marked ``(sync)``.
 """
 
 from __future__ import annotations
@@ -293,8 +305,13 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
 
 
 def row_label(row: dict) -> str:
-    """The method's name in a table, marked when timed with ``--heap-allocator``."""
-    return row["method"] + (" (heap)" if row.get("allocator") == "glibc heap" else "")
+    """The method's name in a table, marked when timed with ``--heap-allocator``
+    or ``--sync-dispatch``."""
+    return (
+        row["method"]
+        + (" (heap)" if row.get("allocator") == "glibc heap" else "")
+        + (" (sync)" if row.get("dispatch") == "sync" else "")
+    )
 
 
 def _format_row(row: dict) -> str:
@@ -336,7 +353,14 @@ def main() -> None:
         action="store_true",
         help="glibc malloc without mmap for large blocks (see use_heap_allocator)",
     )
+    parser.add_argument(
+        "--sync-dispatch",
+        action="store_true",
+        help="run each jax call on the calling thread (jax_cpu_enable_async_dispatch=False)",
+    )
     args = parser.parse_args()
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     if args.heap_allocator:
         use_heap_allocator()
     if args.quick:
@@ -350,11 +374,13 @@ def main() -> None:
         f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}),"
         f" {platform.processor() or platform.machine()}, float32, median of repeated calls"
         + (", glibc heap allocator (no mmap)" if args.heap_allocator else "")
+        + (", synchronous dispatch" if args.sync_dispatch else "")
     )
     print(HEADER)
     rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget)
     for row in rows:
         row["allocator"] = "glibc heap" if args.heap_allocator else "default"
+        row["dispatch"] = "sync" if args.sync_dispatch else "async"
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)

@@ -88,7 +88,7 @@ def main() -> None:
         "json_files",
         nargs="+",
         help="JSON rows of bench_methods.py; a row of a later file replaces the row of the"
-        " same (method, K, P, allocator) of an earlier one (each row is one run's side-by-side"
+        " same (method, K, P, allocator, dispatch) of an earlier one (each row is one run's side-by-side"
         " timing)",
     )
     parser.add_argument("--png", help="also draw the times into this PNG file")
@@ -97,7 +97,13 @@ def main() -> None:
     for name in args.json_files:
         with open(name, encoding="utf-8") as f:
             for row in json.load(f):
-                key = (row["method"], row["K"], row["P"], row.get("allocator", "default"))
+                key = (
+                    row["method"],
+                    row["K"],
+                    row["P"],
+                    row.get("allocator", "default"),
+                    row.get("dispatch", "async"),
+                )
                 merged[key] = row
     rows = sorted(merged.values(), key=lambda r: (r["P"], r["K"], r["method"]))
     print(HEADER)

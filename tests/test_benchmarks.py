@@ -39,6 +39,8 @@ def test_bench_methods_writes_rows_that_report_reads(tmp_path):
     common = ["--K", "2,3", "--P", "4096", "--no-torch", "--repeats", "2", "--budget", "0.1"]
     _run("bench_methods.py", *common, "--methods", "mean,mgda,imtl_g", "--json", str(out))
     _run("bench_methods.py", *common, "--methods", "mgda", "--heap-allocator", "--json", str(heap))
+    sync = tmp_path / "sync.json"
+    _run("bench_methods.py", *common, "--methods", "mgda", "--sync-dispatch", "--json", str(sync))
     rows = json.loads(out.read_text())
     assert {(r["method"], r["K"], r["allocator"]) for r in rows} == {
         (m, k, "default") for m in ("mean", "mgda", "imtl_g") for k in (2, 3)
@@ -46,8 +48,11 @@ def test_bench_methods_writes_rows_that_report_reads(tmp_path):
     for r in rows:
         assert r["P"] == 4096 and r["jax_ms"] > 0 and r["floor_ms"] > 0
     assert {r["allocator"] for r in json.loads(heap.read_text())} == {"glibc heap"}
-    report = _run("report.py", str(out), str(heap))
-    # A heap row does not replace the default row of the same (method, K, P).
+    assert {r["dispatch"] for r in rows} == {"async"}
+    assert {r["dispatch"] for r in json.loads(sync.read_text())} == {"sync"}
+    report = _run("report.py", str(out), str(heap), str(sync))
+    # A heap or sync row does not replace the default row of the same (method, K, P).
     assert report.count("| mgda (heap) ") == 2
+    assert report.count("| mgda (sync) ") == 2
     assert report.count("| mgda           |") == 2
     assert report.count("| imtl_g         |") == 2
