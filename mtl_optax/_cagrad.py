@@ -7,8 +7,8 @@ problem over the probability simplex that only involves the Gramian
 :math:`G = J J^\\top`, and the update is a linear combination of the task
 gradients, so the method is written as a :class:`~mtl_optax.Weighting`: the
 dual is solved by ``jaxopt.ProjectedGradient`` on the ``K x K`` problem inside
-the jitted update (no scipy, no host round trip), and the engine combines the
-task gradients once.
+the jitted update (no scipy, no host round trip), or in closed form for two
+tasks, and the engine combines the task gradients once.
 """
 
 from __future__ import annotations
@@ -103,6 +103,41 @@ def _solve_dual(
     return params, state.iter_num.astype(jnp.int32), state.error
 
 
+def _solve_dual_two(gram: jax.Array, c: jax.Array, eps: jax.Array) -> jax.Array:
+    r"""Minimises :func:`_dual_objective` over the 2-simplex in closed form.
+
+    With :math:`w = (1 - t, t)` and :math:`G = [[a, b], [b, d]]` the dual is
+    the convex function of one variable
+    :math:`F(t) = L + \ell t + c\sqrt{Q(t)}` with slope
+    :math:`\ell = (d - a) / 2` and :math:`Q(t) = \alpha t^2 + \beta t +
+    \gamma`, :math:`\alpha = a - 2b + d = \|g_1 - g_2\|^2`,
+    :math:`\beta = 2(b - a)`, :math:`\gamma = a + \epsilon`. Since
+    :math:`Q'^2 = 4\alpha Q - D` with :math:`D = 4\alpha\gamma - \beta^2 \ge
+    0`, the stationarity condition :math:`\ell + c Q' / (2\sqrt{Q}) = 0`
+    reads :math:`Q'^2 (c^2\alpha - \ell^2) = \ell^2 D`: when
+    :math:`c^2\alpha > \ell^2`, :math:`Q'(t^\star) = -\ell
+    \sqrt{D / (c^2\alpha - \ell^2)}` and :math:`t^\star = (Q' - \beta) /
+    (2\alpha)`, clipped to :math:`[0, 1]` (the minimiser of a convex function
+    of one variable over an interval); otherwise :math:`|c Q' / (2\sqrt{Q})|
+    \le c\sqrt{\alpha} \le |\ell|`, :math:`F` is monotone and the minimum is
+    the vertex :math:`t = 0` (:math:`\ell > 0`) or :math:`t = 1`
+    (:math:`\ell < 0`); with :math:`\ell = 0` too, :math:`F` is constant and
+    :math:`t = 1/2`, the iterative solver's starting point.
+    """
+    a, b, d = gram[0, 0], gram[0, 1], gram[1, 1]
+    slope = (d - a) / 2
+    alpha = jnp.maximum(a - 2 * b + d, 0)
+    beta = 2 * (b - a)
+    disc = jnp.maximum(4 * alpha * (a + eps) - beta**2, 0)
+    denom = c**2 * alpha - slope**2
+    inside = denom > 0
+    dq = -slope * jnp.sqrt(disc / jnp.where(inside, denom, 1))
+    t_inside = (dq - beta) / (2 * jnp.where(inside, alpha, 1))
+    t_vertex = jnp.where(slope > 0, 0.0, jnp.where(slope < 0, 1.0, 0.5)).astype(gram.dtype)
+    t = jnp.clip(jnp.where(inside, t_inside, t_vertex), 0, 1)
+    return jnp.stack([1 - t, t])
+
+
 @partial(
     jax.jit,
     static_argnames=("max_iter", "tol", "safeguard"),
@@ -148,14 +183,16 @@ def _cagrad_terms(
     s = jnp.maximum(jnp.trace(gram) / k, eps)
     s = jnp.where(s > 0, s, jnp.ones((), dtype))
     if dual is None:
-        frozen = lax.stop_gradient(gram)
-        w, iterations, error = _solve_dual(
-            frozen / lax.stop_gradient(s),
+        args = (
+            lax.stop_gradient(gram) / lax.stop_gradient(s),
             lax.stop_gradient(c / jnp.sqrt(s)),
             eps / lax.stop_gradient(s),
-            max_iter=max_iter,
-            tol=tol,
         )
+        if k == 2:
+            w = _solve_dual_two(*args)
+            iterations, error = jnp.zeros((), jnp.int32), jnp.zeros((), dtype)
+        else:
+            w, iterations, error = _solve_dual(*args, max_iter=max_iter, tol=tol)
         w = lax.stop_gradient(w)
     else:
         w = jnp.asarray(dual, dtype)
@@ -252,7 +289,10 @@ def cagrad(
     :math:`\|g_w\|^2 = w^\top G w`, :math:`\|g_0\|^2 = \mathrm{mean}(G)`), so
     the dual is solved in the ``K x K`` world by ``jaxopt.ProjectedGradient``
     (projection onto the simplex, backtracking line search, started at
-    :math:`w = \mathbf{1}/K`) inside the jitted update, and the update is
+    :math:`w = \mathbf{1}/K`) inside the jitted update; for :math:`K = 2` it
+    is a convex problem in one variable, solved in closed form (a quadratic
+    stationarity condition, no iterations; ``solver_iterations`` is then 0).
+    The update is
     :math:`u = \sum_k \big(\tfrac{1}{K} + \lambda w^\star_k\big) g_k` times the
     rescale factor, with :math:`\lambda = c\|g_0\| / \|g_w^\star\|`.
 
@@ -281,8 +321,8 @@ def cagrad(
         :math:`\|J\|_F^2 = \mathrm{tr}(G) < \text{norm\_eps}` or
         :math:`\|g_w\| < \text{norm\_eps}\,\|J\|_F`, and the safeguard below is
         off. Default 0: see "Degenerate cases".
-      max_iter: maximum number of iterations of the dual solver.
-      tol: the solver's tolerance on its fixed-point residual
+      max_iter: maximum number of iterations of the dual solver (``K >= 3``).
+      tol: (``K >= 3``) the solver's tolerance on its fixed-point residual
         :math:`\|w_{t+1} - w_t\| / \text{step}`, for the dual normalised by the
         mean squared task-gradient norm (so it does not depend on the
         gradients' scale). Default (``None``): ``1e-5`` when the computation is
@@ -357,7 +397,8 @@ def cagrad(
         tolerance is scale-free), in JAX, instead of scipy SLSQP with
         finite-difference gradients and an absolute ``ftol`` of 1e-6 (official
         code, LibMTL, vambn; it stops far from the optimum for large
-        gradients) or cvxpy/CLARABEL (TorchJD). No FISTA acceleration: its
+        gradients) or cvxpy/CLARABEL (TorchJD); for 2 tasks the exact
+        minimiser in closed form. No FISTA acceleration: its
         stopping test (distance between successive iterates) can fire at a
         non-optimal vertex of the simplex. The parity tests check that the
         objective reached is no worse than the references'.

@@ -6,6 +6,7 @@ Parity with the references (TorchJD, LibMTL, vambn) is in
 
 import subprocess
 import sys
+from functools import partial
 
 import chex
 import jax
@@ -148,6 +149,66 @@ def test_update_solves_the_paper_problem(x64, seed, shape, alpha, log_scales):
     radius[:100] = alpha * np.linalg.norm(g0)
     others = g0 + radius * u
     assert np.max(np.min(others @ jac.T, axis=1)) <= worst + 1e-9 * scale
+
+
+def _two_task_cases():
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((2, 5)) * np.exp(rng.uniform(-3, 3, (2, 1))) for _ in range(40)]
+    g = rng.standard_normal(5)
+    h = rng.standard_normal(5)
+    h -= (h @ g) / (g @ g) * g
+    cases += [
+        np.stack([g, g]),  # identical
+        np.stack([g, -g]),  # opposite
+        np.stack([g, h]),  # orthogonal
+        np.stack([g, 3 * g]),  # collinear, one direction
+        np.stack([g, -0.2 * g]),  # collinear, conflicting
+        np.stack([g, 0 * g]),  # a zero task
+        np.stack([1e-8 * g, 1e4 * h]),  # magnitudes 1e-8 against 1e4
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 2.0])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_two_task_dual_has_a_closed_form_at_the_minimum(x64, alpha, eps):
+    """At K = 2 the dual is solved in closed form, not by the iterative solver.
+
+    Its objective is the minimum over the simplex: no point of a grid of 20001
+    values of t (w = (1 - t, t)) is lower beyond rounding, and the projected
+    gradient solver used for K >= 3, run on the same normalised problem, does
+    not reach a lower value either.
+    """
+    from mtl_optax._cagrad import _dual_objective, _solve_dual
+
+    ts = np.linspace(0.0, 1.0, 20001)
+    solve = jax.jit(partial(_solve_dual, max_iter=1000, tol=1e-10))
+    for jac in _two_task_cases():
+        terms = _cagrad_terms(
+            jnp.asarray(jac @ jac.T),
+            alpha=alpha,
+            rescale=0,
+            eps=eps,
+            norm_eps=0.0,
+            max_iter=1000,
+            tol=None,
+        )
+        assert int(terms.iterations) == 0
+        w = np.asarray(terms.dual)
+        assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-15
+        # The normalised problem that both solvers see (see _cagrad_terms).
+        gram = jac @ jac.T
+        s = max(np.trace(gram) / 2, eps) or 1.0
+        c = (alpha * np.sqrt(max(gram.mean() + eps, 0)) + eps) / np.sqrt(s)
+        args = (jnp.asarray(gram / s), jnp.asarray(c), jnp.asarray(eps / s))
+        f = float(_dual_objective(jnp.asarray(w), *args))
+        grid = np.stack([1 - ts, ts], 1)
+        f_grid = np.mean(grid @ (gram / s), 1) + c * np.sqrt(
+            np.maximum(np.einsum("ti,ij,tj->t", grid, gram / s, grid) + eps / s, 0)
+        )
+        assert f <= f_grid.min() + 1e-12, (f, f_grid.min())
+        w_pg, _, _ = solve(*args)
+        assert f <= float(_dual_objective(w_pg, *args)) + 1e-12
 
 
 def test_float32_solution_is_close_to_float64(x64):
@@ -365,6 +426,8 @@ def test_registered_and_importing_mtl_optax_does_not_import_jaxopt():
         "import jax.numpy as jnp\n"
         "tx = mtl_optax.get('cagrad')\n"
         "tx.update({'w': jnp.eye(2)}, tx.init(None))\n"
+        "assert 'jaxopt' not in sys.modules\n"  # 2 tasks: the closed form
+        "tx.update({'w': jnp.eye(3)}, tx.init(None))\n"
         "assert 'jaxopt' in sys.modules\n"
     )
     result = subprocess.run(
