@@ -49,7 +49,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     ks = sorted({r["K"] for r in rows})
     ps = sorted({r["P"] for r in rows})
-    methods = sorted({r["method"] for r in rows})
+    # One line per label: "(heap)" and "(sync)" rows are other measurements of the method.
+    methods = sorted({row_label(r) for r in rows})
     cmap = plt.get_cmap("tab20")
     colors = {m: cmap(i % 20) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(ks) + 1, figsize=(4.2 * (len(ks) + 1), 4.2), squeeze=False)
@@ -57,7 +58,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     def series(x_key, fixed_key, fixed, method=None, key="jax_ms"):
         sel = [
-            r for r in rows if r[fixed_key] == fixed and (method is None or r["method"] == method)
+            r for r in rows if r[fixed_key] == fixed and (method is None or row_label(r) == method)
         ]
         pts = sorted({(r[x_key], r[key]) for r in sel})
         return [x for x, _ in pts], [y for _, y in pts]
