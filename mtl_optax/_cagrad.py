@@ -175,7 +175,11 @@ def _cagrad_terms(
     if tol is None:
         tol = _DEFAULT_TOL_F64 if dtype == jnp.float64 else _DEFAULT_TOL_F32
     # ||g_0|| and the ball radius c ||g_0|| (official code: both with + eps).
-    g0_norm = _safe_sqrt(jnp.mean(gram) + eps)
+    # ||g_0||^2 = u^T G u with u = 1/K: each entry is scaled before it is
+    # summed, so no intermediate exceeds max |G_ij| (jnp.mean(gram) sums the
+    # K^2 entries first, which overflows float32 for 64 equal tasks of norm 1e18).
+    uniform = jnp.full((k,), 1.0 / k, dtype)
+    g0_norm = _safe_sqrt(uniform @ gram @ uniform + eps)
     c = alpha * g0_norm + eps
 
     # Solve on G / s, s = max(mean squared task-gradient norm, eps): the same

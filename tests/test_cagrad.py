@@ -70,6 +70,18 @@ def test_one_direction_gives_one_plus_alpha_times_it(k, alpha, rescale):
     np.testing.assert_allclose(update, expected, rtol=2e-6, atol=1e-6)
 
 
+def test_many_equal_large_tasks_in_float32_do_not_overflow():
+    """64 equal tasks of norm 1e18: K^2 ||g||^2 = 4e39 exceeds float32's 3.4e38.
+
+    ``||g_0||^2`` must not be formed by summing the K^2 Gramian entries first
+    (it did: the update was NaN); the update is still (1 + alpha) g / (1 + alpha^2).
+    """
+    g = _random(3, 1, 30)
+    g = g * (1e18 / np.linalg.norm(g))
+    update, _ = _update(np.repeat(g, 64, 0), jnp.float32, alpha=0.5, rescale=1)
+    np.testing.assert_allclose(update, 1.5 / 1.25 * g[0], rtol=1e-5)
+
+
 def test_rescale_divides_by_one_plus_alpha_squared_or_one_plus_alpha(x64):
     jac, alpha = _random(2, 3, 60), 0.7
     d, _ = _update(jac, alpha=alpha, rescale=0)
