@@ -183,12 +183,16 @@ def _cagrad_terms(
     c = alpha * g0_norm + eps
 
     # Solve on G / s, s = max(mean squared task-gradient norm, eps): the same
-    # argmin, an O(1) objective, so the solver's tolerance is relative.
-    s = jnp.maximum(jnp.trace(gram) / k, eps)
+    # argmin, an O(1) objective, so the solver's tolerance is relative. The
+    # mean is u^T diag(G), again scaled before summed (trace(G) / K overflows
+    # float32 once the K squared norms sum past 3.4e38).
+    mean_sq = jnp.diagonal(gram) @ uniform
+    s = jnp.maximum(mean_sq, eps)
     s = jnp.where(s > 0, s, jnp.ones((), dtype))
     if dual is None:
         args = (
-            lax.stop_gradient(gram) / lax.stop_gradient(s),
+            # Not gram / s: XLA makes it gram * (1 / s), zero for s > 2^126.
+            engine.divide_by_scalar(lax.stop_gradient(gram), lax.stop_gradient(s)),
             lax.stop_gradient(c / jnp.sqrt(s)),
             eps / lax.stop_gradient(s),
         )
@@ -204,7 +208,7 @@ def _cagrad_terms(
 
     q = w @ gram @ w  # ||g_w||^2
     gw_norm = _safe_sqrt(q)
-    objective = jnp.mean(gram @ w) + c * _safe_sqrt(q + eps)
+    objective = uniform @ gram @ w + c * _safe_sqrt(q + eps)
     factor = jnp.where(
         rescale == 0, 1.0, jnp.where(rescale == 1, 1.0 / (1.0 + alpha**2), 1.0 / (1.0 + alpha))
     ).astype(dtype)
@@ -212,8 +216,9 @@ def _cagrad_terms(
     # TorchJD's rule (norm_eps > 0): the update is zero when ||J||_F^2 <
     # norm_eps, or when ||g_w|| / ||J||_F < norm_eps (approximately Pareto
     # stationary); no safeguard.
-    trace = jnp.trace(gram)
-    torchjd_ok = (trace >= norm_eps) & (q >= norm_eps**2 * trace) & (q > 0)
+    # ||J||_F^2 = trace(G) = K mean_sq; the tests are written on mean_sq so that
+    # they hold where the trace itself would overflow.
+    torchjd_ok = (mean_sq >= norm_eps / k) & (q >= (k * norm_eps**2) * mean_sq) & (q > 0)
     torchjd_lam = c / jnp.where(torchjd_ok, gw_norm, 1.0)
 
     # Otherwise: with eps > 0 the official formula (eps keeps the division
@@ -228,7 +233,7 @@ def _cagrad_terms(
     # d wins unless another is better beyond rounding.
     coef = 1.0 / k + lam * w
     worst_d = jnp.min(gram @ coef)
-    worst_mean = jnp.min(jnp.mean(gram, axis=1))
+    worst_mean = jnp.min(gram @ uniform)
     margin = 4 * k * tiny * jnp.max(jnp.abs(gram)) * (1.0 + lam)
     use_mean = (worst_mean > worst_d + margin) & safeguard
     use_zero = (alpha >= 1) & (worst_d + margin < 0) & (worst_mean + margin < 0) & safeguard

@@ -130,7 +130,14 @@ def _inner_loop(matrix, inner_weights, w_tilde, lr, momentum, lambda_, *, n_iter
     k = matrix.shape[0]
     diag = jnp.maximum(jnp.diagonal(matrix), 0.0)
     scale = jnp.mean(_safe_sqrt(diag))
-    a = matrix / (jnp.square(scale) + jnp.asarray(_EPS, dtype))
+    # a = matrix / (scale^2 + eps). scale^2 + eps is formed as (m^2 + eps 2^-2e) 2^2e
+    # from scale = m 2^e (m in [1/2, 1)), the same number: XLA rewrites the
+    # square of a mean as (sum * sum) / K^2, which overflows float32 from a mean
+    # norm of 1.8e19 / K. And not matrix / (...): XLA turns that into a product
+    # with the reciprocal, flushed to zero above 2^126 (engine.divide_by_scalar).
+    m, e = jnp.frexp(scale)
+    eps = jnp.asarray(_EPS, dtype)
+    a = engine.divide_by_scalar(matrix, jnp.ldexp(m * m + jnp.ldexp(eps, -2 * e), 2 * e))
     pull = lambda_ * w_tilde
 
     def products(w):

@@ -33,6 +33,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from mtl_optax import engine
+
 __all__ = [
     "MinNormResult",
     "min_norm",
@@ -361,10 +363,13 @@ def _solve(gramian: jax.Array, tol: jax.Array, max_iter: jax.Array) -> MinNormRe
     """:func:`solve_min_norm` after validation; jitted so eager calls reuse the loop."""
     dtype = gramian.dtype
     k = gramian.shape[0]
-    gramian = (gramian + gramian.T) / 2
     top = jnp.max(jnp.diagonal(gramian))
     scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
-    g = gramian / scale
+    # Scaled before symmetrised: G + G^T overflows from entries of half the
+    # largest float; divide_by_scalar, since XLA turns G / scale into
+    # G * (1 / scale), which flushes to zero for scale > 2^126 in float32.
+    g = engine.divide_by_scalar(gramian, scale)
+    g = (g + g.T) / 2
 
     # Rounding level of the gap: sum_k w_k g_k cannot cancel below eps K w^T |G| w,
     # and a weight w_k can only move by about eps w_k, which moves (G w)_t by up to

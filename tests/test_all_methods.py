@@ -143,3 +143,40 @@ def test_init_survives_a_step_that_donates_the_state(name):
     np.testing.assert_array_equal(
         np.asarray(jax.random.key_data(key)), np.asarray(jax.random.key_data(jax.random.key(3)))
     )
+
+
+def _cosine(a, b):
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(a)])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(b)])
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_update_direction_is_unchanged_by_task_gradients_of_norm_up_to_1_5e19(name):
+    """Scaling every task gradient by c > 0 scales each method's update and keeps its direction.
+
+    Every method is positively homogeneous in the task gradients up to its
+    small epsilons, so the direction of its update must not change for norms up
+    to 1.5e19, where each squared norm (2.25e38) still fits float32 (3.4e38)
+    though sums of them do not. Jitted with the scale as data, as in training:
+    XLA rewrites a division by a scalar ``s`` into a product with ``1 / s``,
+    which is flushed to zero for ``s > 2^126``, and the square of a mean as
+    ``sum^2 / K^2``; ``mgda``, ``mgda_ub`` (cos 0.32-0.48 from norms of 1e19)
+    and ``sdmgrad`` (cos 0.51 from 5e18 at K = 10) broke that way.
+    """
+    for k in (3, 10):
+        jac = np.random.default_rng(k).standard_normal((k, 35))
+        jac /= np.linalg.norm(jac, axis=1, keepdims=True)
+        tx = mtl_optax.get(name, **hparams(name, k))
+        params = _params()
+        value = jnp.linspace(0.5, 2.0, k)
+        step = jax.jit(
+            lambda g, tx=tx, params=params, value=value: tx.update(
+                g, tx.init(params), params, value=value
+            )[0]
+        )
+        unit = step(_from_matrix(jac))
+        for scale in (1e18, 5e18, 1e19, 1.5e19):
+            big = step(_from_matrix(jac * scale))
+            assert _finite(big), (name, k, scale)
+            assert _cosine(big, unit) > 1 - 1e-4, (name, k, scale, _cosine(big, unit))

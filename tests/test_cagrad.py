@@ -82,6 +82,26 @@ def test_many_equal_large_tasks_in_float32_do_not_overflow():
     np.testing.assert_allclose(update, 1.5 / 1.25 * g[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm_eps", [0.0, 1e-4])
+def test_squared_norms_whose_sum_overflows_float32_give_the_scaled_update(norm_eps):
+    """3 tasks of norm 1.5e19: each ||g_k||^2 = 2.25e38 fits float32, their sum does not.
+
+    The mean squared norm (the solver's scale, TorchJD's ||J||_F^2 test) must
+    not be formed as trace(G) / K (it was, and the update came out wrong);
+    the update is then 1.5e19 times the update of the unit-scale tasks.
+    """
+    jac = _random(4, 3, 30)
+    jac = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+    scale = 1.5e19
+    hp = {"alpha": 0.5, "rescale": 1, "norm_eps": norm_eps}
+    unit, unit_state = _update(jac, jnp.float32, **hp)
+    big, big_state = _update(jac * scale, jnp.float32, **hp)
+    assert np.all(np.isfinite(big))
+    assert np.linalg.norm(unit) > 0.1
+    np.testing.assert_allclose(big / scale, unit, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(big_state.weights, unit_state.weights, rtol=1e-4, atol=1e-6)
+
+
 def test_rescale_divides_by_one_plus_alpha_squared_or_one_plus_alpha(x64):
     jac, alpha = _random(2, 3, 60), 0.7
     d, _ = _update(jac, alpha=alpha, rescale=0)

@@ -299,3 +299,18 @@ def test_gramian_stays_row_major_when_feeding_lapack(k):
     np.testing.assert_allclose(
         f(tree), jnp.linalg.svd(jnp.full((k, k), 1021.0), compute_uv=False), rtol=1e-5, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("s", [3.0e38, 1.0e38, 8.6e37, 2.5e37, 1.0, 3e-5, 1e-30])
+def test_divide_by_scalar_is_the_rounded_quotient_where_the_reciprocal_underflows(s):
+    """Jitted, within two float32 roundings of the float64 quotient, whatever the scale.
+
+    (For ``s > 2^126`` the plain ``x / s`` is all zeros under ``jit`` with
+    jax 0.10 on CPU: XLA multiplies by ``1 / s``, which is flushed to zero.)
+    """
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(-1, 1, (5, 5)) * s).astype(np.float32)
+    s32 = np.float32(s)
+    out = jax.jit(engine.divide_by_scalar)(jnp.asarray(x), jnp.asarray(s32))
+    expected = x.astype(np.float64) / np.float64(s32)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2.4e-7, atol=0)

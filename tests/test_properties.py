@@ -30,9 +30,8 @@ condition under which the paper guarantees it):
   sign: a positive projection is *not* guaranteed, see :func:`mtl_optax.imtl_g`).
 
 Magnitude ranges (why the strategy is restricted): the Gramian is accumulated in
-float32 for bfloat16, float16 and float32 leaves, so the squared norms and the
-sums of K of them that some methods form (CAGrad's trace) must stay below
-float32's 3.4e38: row scales are drawn from 1e-30 to 1e30 for
+float32 for bfloat16, float16 and float32 leaves, so the squared norms must stay
+below float32's 3.4e38: row scales are drawn from 1e-30 to 1e30 for
 float64 templates but 1e-30 to 1e17 for float32 and bfloat16 ones (task
 gradient norms up to about 1e18; with scales up to 1e19 the Gramian overflows
 and the test fails, as the README's "Degenerate gradients" says). Float16
