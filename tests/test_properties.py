@@ -23,6 +23,8 @@ condition under which the paper guarantees it):
 * MGDA: :math:`\\langle u, g_k\\rangle \\ge 0` for every task, on any input;
 * CAGrad: :math:`\\min_k \\langle g_k, u\\rangle \\ge s\\,\\min_k \\langle g_k,
   g_0\\rangle` (its docstring's safeguard), on any input;
+* both again in float32, jitted, for the largest task-gradient norm from 1e17
+  to 1.5e19 (the top of float32's Gramian range);
 * ConFIG: equal cosines with every task gradient, all positive, when the task
   gradients are linearly independent;
 * IMTL-G: equal projections on every unit task gradient when the task
@@ -255,8 +257,9 @@ def test_update_is_finite_typed_reproducible_and_jit_invariant(name, case):
 
 
 # ---------------------------------------------------------------------------
-# Guarantees. All in float64 (x64), on a (K, P) matrix with K in 2..8 and P = 12,
-# built from one fixed template so the jit cache serves every example.
+# Guarantees. In float64 (x64), on a (K, P) matrix with K in 2, 3 or 8 and P = 12,
+# built from one fixed template so the jit cache serves every example; MGDA's and
+# CAGrad's also in float32 near the top of its range.
 # ---------------------------------------------------------------------------
 
 GUARANTEE_P = 12
@@ -304,6 +307,41 @@ def test_mgda_update_conflicts_with_no_task(k, data):
     assert np.all(inner >= np.linalg.norm(u) ** 2 - tol), (inner, tol)
 
 
+@functools.cache
+def _float32_update(name, k):
+    tx = mtl_optax.get(name, num_tasks=k)
+    params = {"w": jnp.zeros((GUARANTEE_P,), jnp.float32)}
+    return jax.jit(lambda g: tx.update({"w": g}, tx.init(params), params))
+
+
+@GUARANTEE_PROFILE
+@given(k=_GUARANTEE_K, log_top=st.floats(17.0, 19.17), data=st.data())
+def test_mgda_update_conflicts_with_no_task_in_float32_up_to_norms_of_1_5e19(k, log_top, data):
+    # The same guarantee for float32 task gradients, jitted as in training, the
+    # largest norm drawn from 1e17 to 1.5e19 (its square, 2.25e38, still fits
+    # float32; the float64 test above covers the other magnitudes).
+    # MGDA broke it from norms of about 9.2e18: XLA turned the solver's G / max_k G_kk
+    # into G * (1 / max_k G_kk), and that reciprocal (below 2^-126) was flushed to 0.
+    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=0, min_exp=-6))
+    top = np.max(np.linalg.norm(matrix, axis=1))
+    if top > 0:
+        matrix = matrix * (10.0**log_top / top)
+    matrix = matrix.astype(np.float32)
+    u, state = _float32_update("mgda", k)(jnp.asarray(matrix))
+    matrix, u = matrix.astype(np.float64), np.asarray(u["w"], np.float64)
+    w = np.asarray(state.weights, np.float64)
+    norms = np.linalg.norm(matrix, axis=1)
+    inner = matrix @ u
+    # As in float64 (above) with float32's eps, plus the rounding of the float32
+    # combination u = sum_k w_k g_k (about K eps sum_k w_k ||g_k|| per task).
+    gram = matrix @ matrix.T
+    spread = np.abs(gram) @ w
+    eps = float(np.finfo(np.float32).eps)
+    gap = 1e-6 * (w @ gram @ w) + 4 * k * eps * (w @ spread + np.max(spread))
+    tol = gap + 4 * k * eps * norms * (w @ norms) + 1e-6 * np.linalg.norm(u) ** 2
+    assert np.all(inner >= np.linalg.norm(u) ** 2 - tol), (inner, np.linalg.norm(u) ** 2, tol)
+
+
 @GUARANTEE_PROFILE
 @given(k=_GUARANTEE_K, alpha=st.sampled_from([0.5, 2.0]), data=st.data())
 def test_cagrad_worst_case_improvement_is_at_least_the_mean_gradients(k, alpha, data):
@@ -316,6 +354,28 @@ def test_cagrad_worst_case_improvement_is_at_least_the_mean_gradients(k, alpha, 
     s = 1.0 / (1.0 + alpha**2)
     worst_u, worst_g0 = np.min(matrix @ u), np.min(matrix @ g0)
     tol = 1e-7 * np.max(np.linalg.norm(matrix, axis=1)) ** 2
+    assert worst_u >= s * worst_g0 - tol, (worst_u, s * worst_g0, tol)
+
+
+@GUARANTEE_PROFILE
+@given(k=_GUARANTEE_K, log_top=st.floats(17.0, 19.17), data=st.data())
+def test_cagrad_worst_case_improvement_in_float32_up_to_norms_of_1_5e19(k, log_top, data):
+    # The same bound for float32 task gradients of norms from 1e17 to 1.5e19,
+    # jitted, with CAGrad's defaults (alpha = 0.5, rescale = 1). CAGrad broke it
+    # from there: its mean squared norm trace(G) / K overflowed once the K squared
+    # norms summed past 3.4e38, and XLA turned G / s into G * (1 / s), flushed to
+    # zero for s > 2^126. The tolerance is the float32 solver's (1e-5, relative).
+    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=0, min_exp=-6))
+    top = np.max(np.linalg.norm(matrix, axis=1))
+    if top > 0:
+        matrix = matrix * (10.0**log_top / top)
+    matrix = matrix.astype(np.float32)
+    u, _ = _float32_update("cagrad", k)(jnp.asarray(matrix))
+    matrix, u = matrix.astype(np.float64), np.asarray(u["w"], np.float64)
+    g0 = matrix.mean(axis=0)
+    s = 1.0 / (1.0 + 0.5**2)
+    worst_u, worst_g0 = np.min(matrix @ u), np.min(matrix @ g0)
+    tol = 1e-5 * np.max(np.linalg.norm(matrix, axis=1)) ** 2
     assert worst_u >= s * worst_g0 - tol, (worst_u, s * worst_g0, tol)
 
 
