@@ -314,6 +314,20 @@ def _float32_update(name, k):
     return jax.jit(lambda g: tx.update({"w": g}, tx.init(params), params))
 
 
+def _float32_update_near_the_top(name, k, log_top, data):
+    """The jitted float32 update on drawn task gradients whose largest norm is 10**log_top.
+
+    Returns the matrix and the update in float64, and the state.
+    """
+    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=0, min_exp=-6))
+    top = np.max(np.linalg.norm(matrix, axis=1))
+    if top > 0:
+        matrix = matrix * (10.0**log_top / top)
+    matrix = matrix.astype(np.float32)
+    u, state = _float32_update(name, k)(jnp.asarray(matrix))
+    return matrix.astype(np.float64), np.asarray(u["w"], np.float64), state
+
+
 @GUARANTEE_PROFILE
 @given(k=_GUARANTEE_K, log_top=st.floats(17.0, 19.17), data=st.data())
 def test_mgda_update_conflicts_with_no_task_in_float32_up_to_norms_of_1_5e19(k, log_top, data):
@@ -322,13 +336,7 @@ def test_mgda_update_conflicts_with_no_task_in_float32_up_to_norms_of_1_5e19(k, 
     # float32; the float64 test above covers the other magnitudes).
     # MGDA broke it from norms of about 9.2e18: XLA turned the solver's G / max_k G_kk
     # into G * (1 / max_k G_kk), and that reciprocal (below 2^-126) was flushed to 0.
-    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=0, min_exp=-6))
-    top = np.max(np.linalg.norm(matrix, axis=1))
-    if top > 0:
-        matrix = matrix * (10.0**log_top / top)
-    matrix = matrix.astype(np.float32)
-    u, state = _float32_update("mgda", k)(jnp.asarray(matrix))
-    matrix, u = matrix.astype(np.float64), np.asarray(u["w"], np.float64)
+    matrix, u, state = _float32_update_near_the_top("mgda", k, log_top, data)
     w = np.asarray(state.weights, np.float64)
     norms = np.linalg.norm(matrix, axis=1)
     inner = matrix @ u
@@ -365,13 +373,7 @@ def test_cagrad_worst_case_improvement_in_float32_up_to_norms_of_1_5e19(k, log_t
     # from there: its mean squared norm trace(G) / K overflowed once the K squared
     # norms summed past 3.4e38, and XLA turned G / s into G * (1 / s), flushed to
     # zero for s > 2^126. The tolerance is the float32 solver's (1e-5, relative).
-    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=0, min_exp=-6))
-    top = np.max(np.linalg.norm(matrix, axis=1))
-    if top > 0:
-        matrix = matrix * (10.0**log_top / top)
-    matrix = matrix.astype(np.float32)
-    u, _ = _float32_update("cagrad", k)(jnp.asarray(matrix))
-    matrix, u = matrix.astype(np.float64), np.asarray(u["w"], np.float64)
+    matrix, u, _ = _float32_update_near_the_top("cagrad", k, log_top, data)
     g0 = matrix.mean(axis=0)
     s = 1.0 / (1.0 + 0.5**2)
     worst_u, worst_g0 = np.min(matrix @ u), np.min(matrix @ g0)
