@@ -68,6 +68,18 @@ def _finite(tree):
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
+def _flat(tree):
+    return np.concatenate(
+        [np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree)]
+    )
+
+
+def _cosine(a, b):
+    """Cosine of two pytrees as flat float64 vectors."""
+    a, b = _flat(a), _flat(b)
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
 @pytest.mark.parametrize("case", EDGE)
 @pytest.mark.parametrize("name", mtl_optax.available())
 def test_edge_case_update_is_finite_and_typed(name, case):
@@ -95,12 +107,8 @@ def test_bfloat16_leaves(name):
     assert _finite(update)
     ref, _ = tx.update(_from_matrix(jac), tx.init(_params()), _params(), value=jnp.ones(5))
     # Same direction as the float32 update, to bfloat16 accuracy.
-    a = np.concatenate(
-        [np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(update)]
-    )
-    b = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(ref)])
-    if np.linalg.norm(b) > 0:
-        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    if np.linalg.norm(_flat(ref)) > 0:
+        cos = _cosine(update, ref)
         assert cos > 0.9, (name, cos)
 
 
@@ -143,12 +151,6 @@ def test_init_survives_a_step_that_donates_the_state(name):
     np.testing.assert_array_equal(
         np.asarray(jax.random.key_data(key)), np.asarray(jax.random.key_data(jax.random.key(3)))
     )
-
-
-def _cosine(a, b):
-    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(a)])
-    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(b)])
-    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("name", mtl_optax.available())
