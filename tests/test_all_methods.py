@@ -163,8 +163,9 @@ def test_update_direction_is_unchanged_by_task_gradients_of_norm_up_to_1_5e19(na
     though sums of them do not. Jitted with the scale as data, as in training:
     XLA rewrites a division by a scalar ``s`` into a product with ``1 / s``,
     which is flushed to zero for ``s > 2^126``, and the square of a mean as
-    ``sum^2 / K^2``; ``mgda``, ``mgda_ub`` (cos 0.32-0.48 from norms of 1e19)
-    and ``sdmgrad`` (cos 0.51 from 5e18 at K = 10) broke that way.
+    ``sum^2 / K^2``; ``mgda``, ``mgda_ub`` (cos 0.32-0.48 from norms of 1e19),
+    ``sdmgrad`` (cos 0.51 from 5e18 at K = 10) and ``cagrad`` (whose
+    ``trace(G) / K`` also overflowed, at 1.5e19 and K = 3) broke that way.
     """
     for k in (3, 10):
         jac = np.random.default_rng(k).standard_normal((k, 35))
