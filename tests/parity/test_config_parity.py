@@ -127,7 +127,7 @@ def _length_model(name, track_id=None):
 def _conflictfree(jac, weights=None, length_model="projection", track_id=None, **kwargs):
     """conflictfree's general path ``ConFIG_update``."""
     return cf_grad.ConFIG_update(
-        torch.from_numpy(jac),
+        torch.from_numpy(np.array(jac)),  # a writable copy (jac may be a view of a jax array)
         weight_model=_weight_model(weights),
         length_model=_length_model(length_model, track_id),
         **kwargs,
