@@ -24,6 +24,7 @@ Usage::
   python benchmarks/bench_methods.py --methods mgda,cagrad --no-torch --json out.json
   python benchmarks/bench_methods.py --P 1e7 --heap-allocator   # no page faults (see below)
   python benchmarks/bench_methods.py --sync-dispatch    # JAX runs each call on the caller's thread
+  python benchmarks/bench_methods.py --settle-ms 30      # untimed calls for 30 ms per burst
 
 ``--heap-allocator`` makes glibc ``malloc`` reuse freed memory for large blocks
 instead of mapping fresh pages for every new output (``use_heap_allocator``):
@@ -76,7 +77,11 @@ def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
 
 
 def _time_interleaved(
-    fns: list[Callable[[], Any]], repeats: int, budget_s: float, burst: int = 5
+    fns: list[Callable[[], Any]],
+    repeats: int,
+    budget_s: float,
+    burst: int = 5,
+    settle_s: float = 0.0,
 ) -> list[float]:
     """Median wall times (ms) of several functions timed side by side.
 
@@ -84,10 +89,13 @@ def _time_interleaved(
     call each, until every function has ``repeats`` calls or ``budget_s``
     seconds have passed (with at least 3 calls each): a slow minute of a
     shared machine then slows every function alike, and their ratio holds.
-    Each burst starts with one untimed call, so that no timed call shares the
-    cores with the previous function's threads still spinning (torch's
-    OpenMP workers spin for a while after each parallel region; a JAX call
-    right after a torch burst was up to 2x slower), and the order of the
+    Each burst starts with untimed calls, at least one and for ``settle_s``
+    seconds, so that no timed call shares the cores with the previous
+    function's threads still spinning (torch's OpenMP workers spin for a while
+    after each parallel region: at K = 40, P = 1e5 the engine floor's first
+    three calls after a torchjd burst took 7.4, 6.5 and 5.3 ms, and 4.2–4.5 ms
+    from the fifth on; 5.4 ms for the first with ``OMP_WAIT_POLICY=PASSIVE``),
+    and the order of the
     functions is shuffled every round (with a fixed seed), so that none always
     follows the same neighbour (in a fixed order, the same Gramian read 30 %
     slower right after a long XLA contraction than before it).
@@ -101,7 +109,10 @@ def _time_interleaved(
     while len(times[0]) < repeats:
         rng.shuffle(order)
         for fn, out in ((fns[i], times[i]) for i in order):
+            settle_start = time.perf_counter()
             jax.block_until_ready(fn())
+            while time.perf_counter() - settle_start < settle_s:
+                jax.block_until_ready(fn())
             for _ in range(burst):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
@@ -238,7 +249,9 @@ def floor_fn(J: jax.Array) -> jax.Array:
     return mtl_optax.combine(tree, w)["J"]
 
 
-def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list[dict]:
+def run(
+    ks, ps, methods, use_torch: bool, repeats: int, budget_s: float, settle_s: float = 0.0
+) -> list[dict]:
     rows = []
     floor = jax.jit(floor_fn)
     noop = jax.jit(lambda J: J[0, 0])
@@ -273,7 +286,13 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
                     out, holder[0] = step(J, holder[0])
                     return out, holder[0]
 
-                row = {"method": name, "K": k, "P": p, "dispatch_ms": noop_ms}
+                row = {
+                    "method": name,
+                    "K": k,
+                    "P": p,
+                    "dispatch_ms": noop_ms,
+                    "settle_s": settle_s,
+                }
                 # The floor and the torch references are timed beside each method
                 # (interleaved), so that their ratios are not those of two different
                 # minutes of a noisy machine. A reference that fails on its first
@@ -296,6 +315,7 @@ def run(ks, ps, methods, use_torch: bool, repeats: int, budget_s: float) -> list
                         [call, lambda J=J: floor(J), *refs.values()],
                         repeats,
                         (2 + len(refs)) * budget_s,
+                        settle_s=settle_s,
                     )
                 row.update(jax_ms=jax_ms, floor_ms=floor_ms)
                 row.update({f"{ref}_ms": ms for ref, ms in zip(refs, ref_ms, strict=True)})
@@ -349,6 +369,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per measurement at most")
     parser.add_argument("--json", default="", help="write the rows to this JSON file")
     parser.add_argument(
+        "--settle-ms",
+        type=float,
+        default=0.0,
+        help="untimed calls for this long before each burst (see _time_interleaved)",
+    )
+    parser.add_argument(
         "--heap-allocator",
         action="store_true",
         help="glibc malloc without mmap for large blocks (see use_heap_allocator)",
@@ -375,9 +401,10 @@ def main() -> None:
         f" {platform.processor() or platform.machine()}, float32, median of repeated calls"
         + (", glibc heap allocator (no mmap)" if args.heap_allocator else "")
         + (", synchronous dispatch" if args.sync_dispatch else "")
+        + (f", {args.settle_ms:g} ms of untimed calls per burst" if args.settle_ms else "")
     )
     print(HEADER)
-    rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget)
+    rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget, args.settle_ms / 1e3)
     for row in rows:
         row["allocator"] = "glibc heap" if args.heap_allocator else "default"
         row["dispatch"] = "sync" if args.sync_dispatch else "async"

@@ -40,7 +40,11 @@ def test_bench_methods_writes_rows_that_report_reads(tmp_path):
     _run("bench_methods.py", *common, "--methods", "mean,mgda,imtl_g", "--json", str(out))
     _run("bench_methods.py", *common, "--methods", "mgda", "--heap-allocator", "--json", str(heap))
     sync = tmp_path / "sync.json"
-    _run("bench_methods.py", *common, "--methods", "mgda", "--sync-dispatch", "--json", str(sync))
+    _run(
+        "bench_methods.py",
+        *common,
+        *("--methods", "mgda", "--sync-dispatch", "--settle-ms", "5", "--json", str(sync)),
+    )
     rows = json.loads(out.read_text())
     assert {(r["method"], r["K"], r["allocator"]) for r in rows} == {
         (m, k, "default") for m in ("mean", "mgda", "imtl_g") for k in (2, 3)
@@ -50,6 +54,8 @@ def test_bench_methods_writes_rows_that_report_reads(tmp_path):
     assert {r["allocator"] for r in json.loads(heap.read_text())} == {"glibc heap"}
     assert {r["dispatch"] for r in rows} == {"async"}
     assert {r["dispatch"] for r in json.loads(sync.read_text())} == {"sync"}
+    assert {r["settle_s"] for r in rows} == {0.0}
+    assert {r["settle_s"] for r in json.loads(sync.read_text())} == {0.005}
     report = _run("report.py", str(out), str(heap), str(sync))
     # A heap or sync row does not replace the default row of the same (method, K, P).
     assert report.count("| mgda (heap) ") == 2
