@@ -95,10 +95,10 @@ def _time_interleaved(
     after each parallel region: at K = 40, P = 1e5 the engine floor's first
     three calls after a torchjd burst took 7.4, 6.5 and 5.3 ms, and 4.2–4.5 ms
     from the fifth on; 5.4 ms for the first with ``OMP_WAIT_POLICY=PASSIVE``),
-    and the order of the
-    functions is shuffled every round (with a fixed seed), so that none always
-    follows the same neighbour (in a fixed order, the same Gramian read 30 %
-    slower right after a long XLA contraction than before it).
+    and the order of the functions is shuffled every round (with a fixed
+    seed), so that none always follows the same neighbour (in a fixed order,
+    the same Gramian read 30 % slower right after a long XLA contraction than
+    before it).
     """
     for fn in fns:
         jax.block_until_ready(fn())
@@ -286,13 +286,7 @@ def run(
                     out, holder[0] = step(J, holder[0])
                     return out, holder[0]
 
-                row = {
-                    "method": name,
-                    "K": k,
-                    "P": p,
-                    "dispatch_ms": noop_ms,
-                    "settle_s": settle_s,
-                }
+                row = {"method": name, "K": k, "P": p, "dispatch_ms": noop_ms}
                 # The floor and the torch references are timed beside each method
                 # (interleaved), so that their ratios are not those of two different
                 # minutes of a noisy machine. A reference that fails on its first
@@ -408,6 +402,7 @@ def main() -> None:
     for row in rows:
         row["allocator"] = "glibc heap" if args.heap_allocator else "default"
         row["dispatch"] = "sync" if args.sync_dispatch else "async"
+        row["settle_s"] = args.settle_ms / 1e3
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
