@@ -1,9 +1,12 @@
-"""Hyperparameters that the registered methods need to be built in generic tests.
+"""Helpers shared by the generic tests over every registered method.
 
-A method whose factory has required arguments gets them here; every other method
-is built with its defaults. Keyed by registry name.
+:func:`hparams`: the arguments that build a method (a method whose factory has
+required arguments gets them here; every other method is built with its
+defaults). :func:`raw`: a state or update as NumPy arrays, for comparisons.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -13,3 +16,14 @@ def hparams(name: str, num_tasks: int) -> dict:
         "constant": {"weights": np.linspace(0.5, 1.5, num_tasks).tolist()},
     }.get(name, {})
     return {"num_tasks": num_tasks, **extra}
+
+
+def raw(tree):
+    """``tree`` with NumPy leaves, its typed PRNG keys as their key data."""
+
+    def one(x):
+        if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)

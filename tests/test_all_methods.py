@@ -8,7 +8,10 @@ later are picked up automatically):
   gradients; one all-zero task; magnitudes 1e-8 against 1e4; float32 and
   bfloat16 leaves; and a large K = 40, P = 1e5 problem;
 * it jits inside ``optax.chain(method, optax.adam)`` and gives the same result
-  with and without ``jax.jit``.
+  with and without ``jax.jit``;
+* ``jax.vmap`` over a batch of problems gives each problem's own update and
+  state; a parameter leaf with no entries changes no other leaf's update;
+* its direction does not change for task gradients of norms up to 1.5e19.
 
 Method-specific numbers (parity with the references, guarantees) are tested in
 each method's own test module.
@@ -23,7 +26,7 @@ import pytest
 
 import mtl_optax
 
-from .methods import hparams
+from .methods import hparams, raw
 
 P_SHAPES = {"w": (6, 5), "b": (5,)}  # P = 35
 
@@ -183,3 +186,52 @@ def test_update_direction_is_unchanged_by_task_gradients_of_norm_up_to_1_5e19(na
             big = step(_from_matrix(jac * scale))
             assert _finite(big), (name, k, scale)
             assert _cosine(big, unit) > 1 - 1e-4, (name, k, scale, _cosine(big, unit))
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_vmap_over_a_batch_of_problems_equals_each_problem_alone(name):
+    # Ensembles and per-seed sweeps vmap one train step over independent
+    # problems: the solvers' while loops, conds and random draws must batch.
+    # Two steps, the second from the batched states of the first.
+    rng = np.random.default_rng(7)
+    batch, k = 4, 3
+    grads = _from_matrix(rng.standard_normal((batch * k, 35)))
+    grads = jax.tree.map(lambda x: x.reshape(batch, k, *x.shape[1:]), grads)
+    values = jnp.asarray(rng.uniform(0.5, 2.0, (batch, k)), jnp.float32)
+    tx = mtl_optax.get(name, **hparams(name, k))
+    params = _params()
+    state = tx.init(params)
+
+    def step(g, s, v):
+        return tx.update(g, s, params, value=v)
+
+    states = jax.tree.map(lambda x: jnp.stack([x] * batch), state)
+    alone = [state] * batch
+    for _ in range(2):
+        updates, states = jax.jit(jax.vmap(step))(grads, states, values)
+        for i in range(batch):
+            pick = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
+            update, alone[i] = jax.jit(step)(pick(grads), alone[i], values[i])
+            chex.assert_trees_all_close(pick(updates), update, rtol=1e-5, atol=1e-6)
+            chex.assert_trees_all_close(raw(pick(states)), raw(alone[i]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", mtl_optax.available())
+def test_an_empty_leaf_beside_others_changes_nothing(name):
+    # A parameter leaf with no entries (a layer of width 0) contributes
+    # nothing to the Gramian or to the combination: its update is empty and
+    # the other leaves' updates are those computed without it. GradDrop draws
+    # one key per leaf, so with an extra leaf its draws differ: only the
+    # update's type and finiteness are checked for it.
+    jac = EDGE["random_K5"]
+    tx = mtl_optax.get(name, **hparams(name, 5))
+    grads, params = _from_matrix(jac), _params()
+    value = jnp.linspace(0.5, 2.0, 5)
+    params_e = {**params, "e": jnp.zeros((0, 3))}
+    grads_e = {**grads, "e": jnp.zeros((5, 0, 3))}
+    update_e, _ = jax.jit(tx.update)(grads_e, tx.init(params_e), params_e, value=value)
+    chex.assert_trees_all_equal_shapes_and_dtypes(update_e, params_e)
+    assert _finite(update_e)
+    if name != "graddrop":
+        update, _ = jax.jit(tx.update)(grads, tx.init(params), params, value=value)
+        chex.assert_trees_all_close({k: update_e[k] for k in params}, update, rtol=1e-6)

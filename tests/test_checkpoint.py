@@ -23,7 +23,7 @@ import pytest
 import mtl_optax
 from mtl_optax.checkpoint import state_from_bytes, state_to_bytes
 
-from .methods import hparams
+from .methods import hparams, raw
 
 K = 3
 PARAMS = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
@@ -32,14 +32,6 @@ GRADS = [
     for i in range(4)
 ]
 VALUES = [jnp.array([1.0, 2.0, 3.0]) * (i + 1) for i in range(4)]
-
-
-def _is_key(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
-
-
-def _raw(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x), tree)
 
 
 @functools.cache
@@ -76,10 +68,10 @@ def test_training_resumed_from_a_checkpoint_continues_exactly(name):
     p3 = flax.serialization.from_bytes(PARAMS, blob_params)
     s3 = state_from_bytes(opt.init(PARAMS), blob_state)
     assert jax.tree.structure(s3) == jax.tree.structure(s2)
-    jax.tree.map(np.testing.assert_array_equal, _raw(s3), _raw(s2))
+    jax.tree.map(np.testing.assert_array_equal, raw(s3), raw(s2))
     for x, y in zip(jax.tree.leaves(s3), jax.tree.leaves(s2), strict=True):
         assert jnp.result_type(x) == jnp.result_type(y)
     for i in range(2, 4):
         p3, s3 = step(p3, s3, GRADS[i], VALUES[i])
-    jax.tree.map(np.testing.assert_array_equal, _raw(p3), _raw(params))
-    jax.tree.map(np.testing.assert_array_equal, _raw(s3), _raw(state))
+    jax.tree.map(np.testing.assert_array_equal, raw(p3), raw(params))
+    jax.tree.map(np.testing.assert_array_equal, raw(s3), raw(state))

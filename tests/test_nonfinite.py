@@ -31,7 +31,7 @@ import pytest
 
 import mtl_optax
 
-from .methods import hparams
+from .methods import hparams, raw
 
 K = 3
 PARAMS = {"w": jnp.zeros((4, 2)), "b": jnp.zeros((2,))}
@@ -72,21 +72,10 @@ def _setup(name: str):
     return method, opt, step
 
 
-def _raw(tree):
-    """Numpy leaves, PRNG keys as their key data, for bitwise comparison."""
-
-    def one(x):
-        if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
-            x = jax.random.key_data(x)
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)
-
-
 def _finite(tree) -> bool:
     return all(
         np.isfinite(x).all()
-        for x in jax.tree.leaves(_raw(tree))
+        for x in jax.tree.leaves(raw(tree))
         if np.issubdtype(x.dtype, np.inexact)
     )
 
@@ -117,12 +106,10 @@ def test_apply_if_finite_skips_bad_steps_and_ends_as_the_run_without_them(name):
         if mode not in skipped:
             ref_params, ref_state = step(ref_params, ref_state, GOOD)
 
-    jax.tree.map(np.testing.assert_array_equal, _raw(params), _raw(ref_params))
+    jax.tree.map(np.testing.assert_array_equal, raw(params), raw(ref_params))
     # The inner states agree bitwise, PRNG keys included: a random method's key
     # does not advance on a skipped step.
-    jax.tree.map(
-        np.testing.assert_array_equal, _raw(state.inner_state), _raw(ref_state.inner_state)
-    )
+    jax.tree.map(np.testing.assert_array_equal, raw(state.inner_state), raw(ref_state.inner_state))
 
 
 def test_gradnorm_non_finite_loss_gives_a_non_finite_update():
