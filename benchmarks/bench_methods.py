@@ -166,6 +166,10 @@ def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
                 "conflict_free": A.ConFIG,
                 "config": A.ConFIG,
                 "sdmgrad": lambda: A.GramianWeightedAggregator(A.SDMGradWeighting()),
+                # TorchJD's epsilons (norm_eps = reg_eps = 1e-4) regularise the same
+                # K quadratic programs that mtl_optax solves exactly by default.
+                "upgrad": A.UPGrad,
+                "dualproj": A.DualProj,
             }
             if name == "constant":
                 refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k))

