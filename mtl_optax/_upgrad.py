@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax import engine, solvers
-from mtl_optax.base import WeightedTransformation, Weighting, from_weighting, initial_weights
+from mtl_optax.base import (
+    WeightedTransformation,
+    Weighting,
+    from_weighting,
+    initial_weights,
+    is_traced,
+)
 from mtl_optax.registry import register
 
 __all__ = [
@@ -38,9 +44,10 @@ def _prepared_gramian(gramian: jax.Array, norm_eps: float, reg_eps: float) -> ja
     :math:`\mathrm{tr}(G) = 0`); ``G`` itself when both are 0.
 
     The trace is taken of :math:`G / \max_k G_{kk}`, so it does not overflow
-    (:math:`K` squared norms of 1.5e19 sum beyond float32's range).
+    (:math:`K` squared norms of 1.5e19 sum beyond float32's range). Either
+    epsilon may be traced (``optax.inject_hyperparams``).
     """
-    if norm_eps == 0.0 and reg_eps == 0.0:
+    if not is_traced(norm_eps) and not is_traced(reg_eps) and norm_eps == 0 and reg_eps == 0:
         return gramian
     dtype = gramian.dtype
     k = gramian.shape[0]
@@ -57,7 +64,7 @@ def _prepared_gramian(gramian: jax.Array, norm_eps: float, reg_eps: float) -> ja
     # A non-finite Gramian stays non-finite (the update is then non-finite, as
     # for every method, and optax.apply_if_finite skips the step).
     normalized = jnp.where(jnp.all(jnp.isfinite(gramian)), normalized, gramian)
-    return normalized + reg_eps * jnp.eye(k, dtype=dtype)
+    return normalized + jnp.asarray(reg_eps, dtype) * jnp.eye(k, dtype=dtype)
 
 
 def _preference(pref_vector: Any, k: int, dtype: Any, method: str) -> jax.Array:
@@ -120,12 +127,20 @@ def dualproj_weights(
     return solvers.dual_cone_weights(_prepared_gramian(gramian, norm_eps, reg_eps), pref)
 
 
+def _check_eps(method: str, name: str, val: Any) -> Any:
+    """A concrete epsilon checked and made a float; a traced one kept as it is."""
+    if is_traced(val):
+        return val
+    if not (np.isfinite(val) and val >= 0):
+        raise ValueError(f"{method}: {name} must be a finite number >= 0; found {val!r}.")
+    return float(val)
+
+
 def _check_args(
-    method: str, num_tasks: int | None, pref_vector: Any, norm_eps: float, reg_eps: float
-) -> tuple[int | None, np.ndarray | None, float, float]:
-    for name, val in (("norm_eps", norm_eps), ("reg_eps", reg_eps)):
-        if not (np.isfinite(val) and val >= 0):
-            raise ValueError(f"{method}: {name} must be a finite number >= 0; found {val!r}.")
+    method: str, num_tasks: int | None, pref_vector: Any, norm_eps: Any, reg_eps: Any
+) -> tuple[int | None, np.ndarray | None, Any, Any]:
+    norm_eps = _check_eps(method, "norm_eps", norm_eps)
+    reg_eps = _check_eps(method, "reg_eps", reg_eps)
     if num_tasks is not None and (
         isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1
     ):
@@ -144,7 +159,7 @@ def _check_args(
                 f"{method}: pref_vector has {pref.shape[0]} entries but num_tasks={num_tasks}."
             )
         num_tasks = pref.shape[0]
-    return (None if num_tasks is None else int(num_tasks)), pref, float(norm_eps), float(reg_eps)
+    return (None if num_tasks is None else int(num_tasks)), pref, norm_eps, reg_eps
 
 
 class UPGradState(NamedTuple):
@@ -209,7 +224,8 @@ def upgrad(
         trace-normalised Gramian (TorchJD's default ``1e-4``, which its solver
         needs). The projections are then those for a slightly different
         Gramian: :math:`\langle u, g_k \rangle \ge -\text{reg\_eps}\,
-        \mathrm{tr}(G)\, w_k` instead of :math:`\ge 0`. Default 0.
+        \mathrm{tr}(G)\, w_k` instead of :math:`\ge 0`. Default 0. Both
+        epsilons may be scheduled with ``optax.inject_hyperparams``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (a

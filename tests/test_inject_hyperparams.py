@@ -34,6 +34,13 @@ CASES = {
         {"rescale": 1, "eps": 0.0, "norm_eps": 0.0, "max_iter": 1000},
     ),
     "gradvac_beta": (mtl_optax.gradvac, "beta", [0.9, 0.5, 0.1], {"key": 3}),
+    "upgrad_reg_eps": (mtl_optax.upgrad, "reg_eps", [0.0, 1e-2, 0.5], {"norm_eps": 0.0}),
+    "dualproj_norm_eps": (
+        mtl_optax.dualproj,
+        "norm_eps",
+        [0.0, 1e3, 0.0],  # 1e3 > tr(G): the plain mean at step 1
+        {"reg_eps": 1e-3},
+    ),
     "sdmgrad_lambda": (
         mtl_optax.sdmgrad,
         "lambda_",
@@ -79,3 +86,5 @@ def test_concrete_values_are_still_validated():
         mtl_optax.gradvac(beta=jnp.float32(2.0), num_tasks=2)
     with pytest.raises(ValueError, match="lambda_ must be non-negative"):
         mtl_optax.sdmgrad(lambda_=-0.5)
+    with pytest.raises(ValueError, match="reg_eps must be a finite number >= 0"):
+        mtl_optax.upgrad(reg_eps=jnp.float32(-1.0))
