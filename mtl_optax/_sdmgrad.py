@@ -30,6 +30,7 @@ from mtl_optax.base import (
     PerTaskTransformation,
     WeightedTransformation,
     Weighting,
+    check_pref_vector,
     initial_weights,
     is_traced,
 )
@@ -397,20 +398,7 @@ def sdmgrad(
         raise ValueError(
             f"sdmgrad: lambda_ must be non-negative and finite; found lambda_={lambda_!r}."
         )
-    pref = None
-    if pref_vector is not None:
-        pref = np.asarray(pref_vector, np.float64)
-        if pref.ndim != 1 or pref.shape[0] == 0:
-            raise ValueError(
-                f"sdmgrad: pref_vector must be a non-empty vector; found shape {pref.shape}."
-            )
-        if not np.all(np.isfinite(pref)):
-            raise ValueError(f"sdmgrad: pref_vector must be finite; found {pref.tolist()}.")
-        if num_tasks is not None and num_tasks != pref.shape[0]:
-            raise ValueError(
-                f"sdmgrad: pref_vector has {pref.shape[0]} entries but num_tasks={num_tasks}."
-            )
-        num_tasks = pref.shape[0]
+    pref, num_tasks = check_pref_vector("sdmgrad", pref_vector, num_tasks)
     if num_tasks is None:
         raise ValueError(
             "sdmgrad keeps its [K] inner weights in its state: pass num_tasks=K"

@@ -22,6 +22,7 @@ from mtl_optax import engine, solvers
 from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
+    check_pref_vector,
     from_weighting,
     initial_weights,
     is_traced,
@@ -67,13 +68,20 @@ def _prepared_gramian(gramian: jax.Array, norm_eps: float, reg_eps: float) -> ja
     return normalized + jnp.asarray(reg_eps, dtype) * jnp.eye(k, dtype=dtype)
 
 
-def _preference(pref_vector: Any, k: int, dtype: Any, method: str) -> jax.Array:
+def _prepared(
+    gramian: Any, pref_vector: Any, norm_eps: Any, reg_eps: Any, method: str
+) -> tuple[jax.Array, jax.Array]:
+    """The prepared Gramian (float32 at least) and the preference (default ``1/K``)."""
+    gramian = jnp.asarray(gramian)
+    gramian = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
+    k = gramian.shape[0]
     if pref_vector is None:
-        return jnp.full((k,), 1.0 / k, dtype)
-    pref = jnp.asarray(pref_vector, dtype)
-    if pref.shape != (k,):
-        raise ValueError(f"{method}: pref_vector must have shape ({k},); found {pref.shape}.")
-    return pref
+        pref = jnp.full((k,), 1.0 / k, gramian.dtype)
+    else:
+        pref = jnp.asarray(pref_vector, gramian.dtype)
+        if pref.shape != (k,):
+            raise ValueError(f"{method}: pref_vector must have shape ({k},); found {pref.shape}.")
+    return _prepared_gramian(gramian, norm_eps, reg_eps), pref
 
 
 def upgrad_weights(
@@ -94,11 +102,7 @@ def upgrad_weights(
     Returns:
       The ``[K]`` weights :math:`w = \sum_i v^{(i)}`.
     """
-    gramian = jnp.asarray(gramian)
-    gramian = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
-    k = gramian.shape[0]
-    pref = _preference(pref_vector, k, gramian.dtype, "upgrad_weights")
-    prepared = _prepared_gramian(gramian, norm_eps, reg_eps)
+    prepared, pref = _prepared(gramian, pref_vector, norm_eps, reg_eps, "upgrad_weights")
     return jnp.sum(solvers.dual_cone_weights(prepared, jnp.diag(pref)), axis=0)
 
 
@@ -120,11 +124,8 @@ def dualproj_weights(
     Returns:
       The ``[K]`` weights :math:`v = \arg\min_{v \ge p} v^\top G v`.
     """
-    gramian = jnp.asarray(gramian)
-    gramian = gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32))
-    k = gramian.shape[0]
-    pref = _preference(pref_vector, k, gramian.dtype, "dualproj_weights")
-    return solvers.dual_cone_weights(_prepared_gramian(gramian, norm_eps, reg_eps), pref)
+    prepared, pref = _prepared(gramian, pref_vector, norm_eps, reg_eps, "dualproj_weights")
+    return solvers.dual_cone_weights(prepared, pref)
 
 
 def _check_eps(method: str, name: str, val: Any) -> Any:
@@ -136,30 +137,38 @@ def _check_eps(method: str, name: str, val: Any) -> Any:
     return float(val)
 
 
-def _check_args(
-    method: str, num_tasks: int | None, pref_vector: Any, norm_eps: Any, reg_eps: Any
-) -> tuple[int | None, np.ndarray | None, Any, Any]:
-    norm_eps = _check_eps(method, "norm_eps", norm_eps)
-    reg_eps = _check_eps(method, "reg_eps", reg_eps)
+def _build(
+    name: str,
+    rule: Any,
+    state: Any,
+    num_tasks: int | None,
+    pref_vector: Any,
+    norm_eps: Any,
+    reg_eps: Any,
+) -> WeightedTransformation:
+    """The transformation of ``upgrad`` or ``dualproj``: arguments checked, ``rule`` as weighting."""
+    norm_eps = _check_eps(name, "norm_eps", norm_eps)
+    reg_eps = _check_eps(name, "reg_eps", reg_eps)
     if num_tasks is not None and (
         isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1
     ):
-        raise ValueError(f"{method}: num_tasks must be a positive int; found {num_tasks!r}.")
-    pref = None
-    if pref_vector is not None:
-        pref = np.asarray(pref_vector, np.float64)
-        if pref.ndim != 1 or pref.shape[0] == 0:
-            raise ValueError(
-                f"{method}: pref_vector must be a non-empty vector; found shape {pref.shape}."
-            )
-        if not np.all(np.isfinite(pref)):
-            raise ValueError(f"{method}: pref_vector must be finite; found {pref.tolist()}.")
-        if num_tasks is not None and num_tasks != pref.shape[0]:
-            raise ValueError(
-                f"{method}: pref_vector has {pref.shape[0]} entries but num_tasks={num_tasks}."
-            )
-        num_tasks = pref.shape[0]
-    return (None if num_tasks is None else int(num_tasks)), pref, norm_eps, reg_eps
+        raise ValueError(f"{name}: num_tasks must be a positive int; found {num_tasks!r}.")
+    pref, num_tasks = check_pref_vector(name, pref_vector, num_tasks)
+
+    def weights(gramian, state_, value, *, num_tasks, dtype):
+        del state_, value, num_tasks
+        w = rule(gramian.astype(dtype), pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps)
+        return w, state(weights=w.astype(jnp.float32))
+
+    k = None if num_tasks is None else int(num_tasks)
+    return from_weighting(
+        Weighting(
+            name=name,
+            init=lambda: state(weights=initial_weights(k)),
+            weights=weights,
+            num_tasks=k,
+        )
+    )
 
 
 class UPGradState(NamedTuple):
@@ -263,25 +272,7 @@ def upgrad(
         positive definite); its side effects, the plain sum for small
         Jacobians and slightly conflicting updates, are off by default here.
     """
-    num_tasks, pref, norm_eps, reg_eps = _check_args(
-        "upgrad", num_tasks, pref_vector, norm_eps, reg_eps
-    )
-
-    def weights(gramian, state, value, *, num_tasks, dtype):
-        del state, value
-        w = upgrad_weights(
-            gramian.astype(dtype), pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps
-        )
-        return w, UPGradState(weights=w.astype(jnp.float32))
-
-    return from_weighting(
-        Weighting(
-            name="upgrad",
-            init=lambda: UPGradState(weights=initial_weights(num_tasks)),
-            weights=weights,
-            num_tasks=num_tasks,
-        )
-    )
+    return _build("upgrad", upgrad_weights, UPGradState, num_tasks, pref_vector, norm_eps, reg_eps)
 
 
 class DualProjState(NamedTuple):
@@ -342,22 +333,6 @@ def dualproj(
       <https://arxiv.org/abs/2406.16232>`_, 2024 (DualProj as an aggregator).
       Reference implementation: TorchJD ``DualProj`` / ``DualProjWeighting``.
     """
-    num_tasks, pref, norm_eps, reg_eps = _check_args(
-        "dualproj", num_tasks, pref_vector, norm_eps, reg_eps
-    )
-
-    def weights(gramian, state, value, *, num_tasks, dtype):
-        del state, value
-        w = dualproj_weights(
-            gramian.astype(dtype), pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps
-        )
-        return w, DualProjState(weights=w.astype(jnp.float32))
-
-    return from_weighting(
-        Weighting(
-            name="dualproj",
-            init=lambda: DualProjState(weights=initial_weights(num_tasks)),
-            weights=weights,
-            num_tasks=num_tasks,
-        )
+    return _build(
+        "dualproj", dualproj_weights, DualProjState, num_tasks, pref_vector, norm_eps, reg_eps
     )

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_optax import engine
@@ -27,6 +28,7 @@ __all__ = [
     "Weighting",
     "WeightingFn",
     "canonicalize_key",
+    "check_pref_vector",
     "from_weighting",
     "initial_weights",
 ]
@@ -140,6 +142,34 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
         "key must be an int seed or a PRNG key (jax.random.key(...));"
         f" found dtype {key.dtype} and shape {key.shape}."
     )
+
+
+def check_pref_vector(
+    method: str, pref_vector: Any, num_tasks: int | None
+) -> tuple[np.ndarray | None, int | None]:
+    """A method's preference vector, checked: ``(pref as float64, K)``.
+
+    ``None`` passes through with ``num_tasks``; otherwise the vector must be
+    1-D, non-empty and finite, and ``K`` is its length (``num_tasks``, when
+    given, must agree).
+
+    Raises:
+      ValueError: naming ``method``, the shape or values found and ``num_tasks``.
+    """
+    if pref_vector is None:
+        return None, num_tasks
+    pref = np.asarray(pref_vector, np.float64)
+    if pref.ndim != 1 or pref.shape[0] == 0:
+        raise ValueError(
+            f"{method}: pref_vector must be a non-empty vector; found shape {pref.shape}."
+        )
+    if not np.all(np.isfinite(pref)):
+        raise ValueError(f"{method}: pref_vector must be finite; found {pref.tolist()}.")
+    if num_tasks is not None and num_tasks != pref.shape[0]:
+        raise ValueError(
+            f"{method}: pref_vector has {pref.shape[0]} entries but num_tasks={num_tasks}."
+        )
+    return pref, pref.shape[0]
 
 
 def initial_weights(num_tasks: int | None, fill: float | None = None) -> jax.Array:

@@ -307,6 +307,20 @@ def assert_combination_close(
         )
 
 
+# Every case that edge_jacobian knows (without ``extra``).
+EDGE_CASE_NAMES = (
+    "K1",
+    "identical",
+    "opposite",
+    "orthogonal",
+    "collinear",
+    "zero_task",
+    "all_zero",
+    "magnitudes",
+    "tiny_vs_huge",
+)
+
+
 def edge_jacobian(
     name: str,
     *,

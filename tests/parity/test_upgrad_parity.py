@@ -25,6 +25,7 @@ import mtl_optax
 from mtl_optax._upgrad import dualproj_weights, upgrad_weights
 
 from .conftest import (
+    EDGE_CASE_NAMES,
     assert_combination_close,
     edge_jacobian,
     jacobian_to_tree,
@@ -130,21 +131,8 @@ def test_preference_vector_and_other_epsilons_match_torchjd(x64, name):
         assert_combination_close(update, ref_update, weights, jac, rtol=1e-9)
 
 
-EDGES = [
-    "K1",
-    "identical",
-    "opposite",
-    "orthogonal",
-    "collinear",
-    "zero_task",
-    "all_zero",
-    "magnitudes",
-    "tiny_vs_huge",
-]
-
-
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
-@pytest.mark.parametrize("case", EDGES)
+@pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_edge_cases_match_torchjd(x64, name, case):
     """The issue's edge cases, TorchJD's epsilons: every case is finite on both sides.
 
