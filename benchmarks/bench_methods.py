@@ -170,6 +170,7 @@ def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
                 # K quadratic programs that mtl_optax solves exactly by default.
                 "upgrad": A.UPGrad,
                 "dualproj": A.DualProj,
+                "aligned_mtl": A.AlignedMTL,
             }
             if name == "constant":
                 refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k))

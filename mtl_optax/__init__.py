@@ -35,6 +35,7 @@ Example:
 """
 
 from mtl_optax import checkpoint, engine, lean, representation, solvers
+from mtl_optax._aligned_mtl import AlignedMTLState, aligned_mtl
 from mtl_optax._basic import (
     ConstantState,
     MeanState,
@@ -93,6 +94,7 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedMTLState",
     "ApplyIfFiniteState",
     "CAGradState",
     "ComposedTransformation",
@@ -120,6 +122,7 @@ __all__ = [
     "WeightedTransformation",
     "Weighting",
     "WeightingFn",
+    "aligned_mtl",
     "apply_if_finite",
     "available",
     "cagrad",

@@ -201,7 +201,8 @@ def upgrad(
     problems batched in one loop). The update conflicts with no task,
     :math:`\langle u, g_k \rangle \ge 0` for every :math:`k` (a sum of vectors
     of the dual cone), and is a descent direction of every loss unless
-    :math:`u = 0`. For tasks that do not conflict, :math:`u = \sum_k p_k g_k`.
+    :math:`u = 0`. For tasks that do not conflict (and :math:`p \ge 0`),
+    :math:`u = \sum_k p_k g_k`.
 
     ``norm_eps`` and ``reg_eps`` reproduce TorchJD's numerical preparation of
     the Gramian for its QP solver: the projections are computed with
