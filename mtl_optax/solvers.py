@@ -696,10 +696,10 @@ def _solve_dual_cone(
         return s_new, free_new, i + 1, feasible & optimal
 
     s0 = jnp.zeros_like(u)
-    s, free, iters, _ = lax.while_loop(cond, body, (s0, b < 0, jnp.asarray(0, jnp.int32), False))
-    _, done = optimality(s, free)
-    finite = jnp.all(jnp.isfinite(gramian))
-    return u + s, iters, done & finite
+    # done: the last iteration was at a feasible point (the free gradient is
+    # zero there) that passed the optimality test off the free set.
+    s, _, iters, done = lax.while_loop(cond, body, (s0, b < 0, jnp.asarray(0, jnp.int32), False))
+    return u + s, iters, done & jnp.all(jnp.isfinite(gramian))
 
 
 def dual_cone_weights(
