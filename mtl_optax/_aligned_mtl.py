@@ -22,6 +22,7 @@ from mtl_optax import engine
 from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
+    check_num_tasks,
     check_pref_vector,
     from_weighting,
     initial_weights,
@@ -32,6 +33,13 @@ __all__ = ["AlignedMTLState", "aligned_mtl", "aligned_mtl_weights"]
 
 _NAME = "aligned_mtl"
 _SCALE_MODES = ("min", "median", "rmse")
+
+
+def _check_scale_mode(scale_mode: str) -> None:
+    if scale_mode not in _SCALE_MODES:
+        raise ValueError(
+            f"{_NAME}: scale_mode must be one of {_SCALE_MODES}; found {scale_mode!r}."
+        )
 
 
 def aligned_mtl_weights(
@@ -50,10 +58,7 @@ def aligned_mtl_weights(
     Returns:
       The ``[K]`` weights, in the Gramian's dtype (float32 at least).
     """
-    if scale_mode not in _SCALE_MODES:
-        raise ValueError(
-            f"{_NAME}: scale_mode must be one of {_SCALE_MODES}; found {scale_mode!r}."
-        )
+    _check_scale_mode(scale_mode)
     gramian = jnp.asarray(gramian)
     gramian = lax.stop_gradient(gramian.astype(jnp.promote_types(gramian.dtype, jnp.float32)))
     k = gramian.shape[0]
@@ -66,9 +71,7 @@ def aligned_mtl_weights(
             raise ValueError(f"{_NAME}: pref_vector must have shape ({k},); found {pref.shape}.")
     # B does not depend on the Gramian's scale: the eigendecomposition runs on
     # G / max_k G_kk (no overflow for gradients of norm up to 1.8e19).
-    top = jnp.max(jnp.diagonal(gramian))
-    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
-    g = engine.divide_by_scalar(gramian, scale)
+    g, _ = engine.scale_by_largest_diagonal(gramian)
     eigenvalues, vectors = jnp.linalg.eigh((g + g.T) / 2)  # ascending
     # TorchJD's rank decision: eigenvalues above max(lambda) K eps are kept.
     tol = jnp.max(eigenvalues) * k * jnp.finfo(dtype).eps
@@ -172,16 +175,8 @@ def aligned_mtl(
         same :math:`B` (it is scale invariant) without overflow for the
         largest gradients. Live parity in float64 is tested.
     """
-    if scale_mode not in _SCALE_MODES:
-        raise ValueError(
-            f"{_NAME}: scale_mode must be one of {_SCALE_MODES}; found {scale_mode!r}."
-        )
-    if num_tasks is not None and (
-        isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1
-    ):
-        raise ValueError(f"{_NAME}: num_tasks must be a positive int; found {num_tasks!r}.")
-    pref, num_tasks = check_pref_vector(_NAME, pref_vector, num_tasks)
-    k = None if num_tasks is None else int(num_tasks)
+    _check_scale_mode(scale_mode)
+    pref, k = check_pref_vector(_NAME, pref_vector, check_num_tasks(_NAME, num_tasks))
 
     def weights(gramian: Any, state: Any, value: Any, *, num_tasks: int, dtype: Any):
         del state, value, num_tasks

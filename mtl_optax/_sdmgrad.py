@@ -30,6 +30,7 @@ from mtl_optax.base import (
     PerTaskTransformation,
     WeightedTransformation,
     Weighting,
+    check_num_tasks,
     check_pref_vector,
     initial_weights,
     is_traced,
@@ -404,9 +405,7 @@ def sdmgrad(
             "sdmgrad keeps its [K] inner weights in its state: pass num_tasks=K"
             " (or a pref_vector of length K)."
         )
-    if isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1:
-        raise ValueError(f"sdmgrad: num_tasks must be a positive int; found {num_tasks!r}.")
-    k = int(num_tasks)
+    k = check_num_tasks("sdmgrad", num_tasks)
     hparams = dict(lr=lr, momentum=momentum, n_iter=n_iter, lambda_=lambda_, pref_vector=pref)
 
     def init() -> SDMGradState:

@@ -22,6 +22,7 @@ from mtl_optax import engine, solvers
 from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
+    check_num_tasks,
     check_pref_vector,
     from_weighting,
     initial_weights,
@@ -52,12 +53,11 @@ def _prepared_gramian(gramian: jax.Array, norm_eps: float, reg_eps: float) -> ja
         return gramian
     dtype = gramian.dtype
     k = gramian.shape[0]
-    diag = jnp.diagonal(gramian)
-    top = jnp.max(diag)
-    usable = (top > 0) & jnp.isfinite(top)
-    top = jnp.where(usable, top, 1).astype(dtype)
-    scaled = engine.divide_by_scalar(gramian, top)
-    scaled_trace = jnp.trace(scaled)  # in [1, K] when usable
+    scaled, top = engine.scale_by_largest_diagonal(gramian)
+    # In [1, K] for a finite nonzero G; 0 for a zero G (a non-finite G is kept
+    # as it is below).
+    scaled_trace = jnp.trace(scaled)
+    usable = scaled_trace > 0
     # tr(G) < norm_eps, written without forming tr(G) = top * scaled_trace.
     small = top < jnp.asarray(norm_eps, dtype) / jnp.where(usable, scaled_trace, 1)
     zero = ~usable | small
@@ -149,18 +149,13 @@ def _build(
     """The transformation of ``upgrad`` or ``dualproj``: arguments checked, ``rule`` as weighting."""
     norm_eps = _check_eps(name, "norm_eps", norm_eps)
     reg_eps = _check_eps(name, "reg_eps", reg_eps)
-    if num_tasks is not None and (
-        isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1
-    ):
-        raise ValueError(f"{name}: num_tasks must be a positive int; found {num_tasks!r}.")
-    pref, num_tasks = check_pref_vector(name, pref_vector, num_tasks)
+    pref, k = check_pref_vector(name, pref_vector, check_num_tasks(name, num_tasks))
 
     def weights(gramian, state_, value, *, num_tasks, dtype):
         del state_, value, num_tasks
         w = rule(gramian.astype(dtype), pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps)
         return w, state(weights=w.astype(jnp.float32))
 
-    k = None if num_tasks is None else int(num_tasks)
     return from_weighting(
         Weighting(
             name=name,

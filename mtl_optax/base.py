@@ -28,6 +28,7 @@ __all__ = [
     "Weighting",
     "WeightingFn",
     "canonicalize_key",
+    "check_num_tasks",
     "check_pref_vector",
     "from_weighting",
     "initial_weights",
@@ -142,6 +143,19 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
         "key must be an int seed or a PRNG key (jax.random.key(...));"
         f" found dtype {key.dtype} and shape {key.shape}."
     )
+
+
+def check_num_tasks(method: str, num_tasks: Any) -> int | None:
+    """``num_tasks`` as an int, ``None`` passed through.
+
+    Raises:
+      ValueError: naming ``method``, when ``num_tasks`` is not a positive int.
+    """
+    if num_tasks is None:
+        return None
+    if isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1:
+        raise ValueError(f"{method}: num_tasks must be a positive int; found {num_tasks!r}.")
+    return int(num_tasks)
 
 
 def check_pref_vector(

@@ -658,6 +658,19 @@ def divide_by_scalar(x: jax.Array, s: jax.Array) -> jax.Array:
     return x * jnp.ldexp(one, -half) * jnp.ldexp(one, half - e) / m.astype(x.dtype)
 
 
+def scale_by_largest_diagonal(gramian: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""``(G / s, s)`` with :math:`s = \max_k G_{kk}`, or :math:`s = 1` when that is 0 or not finite.
+
+    The solvers whose answer does not depend on the Gramian's scale work on
+    :math:`G / s`: entries of at most 1 in magnitude, so nothing overflows
+    (:math:`G + G^\top`, sums of squared norms) for gradients of any norm that
+    the Gramian itself holds. The division is :func:`divide_by_scalar`.
+    """
+    top = jnp.max(jnp.diagonal(gramian))
+    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(gramian.dtype)
+    return divide_by_scalar(gramian, scale), scale
+
+
 def sum_tasks(x: jax.Array) -> jax.Array:
     r"""The sum :math:`\sum_k x_k` of an array over its leading (task) axis.
 

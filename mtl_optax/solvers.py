@@ -370,12 +370,10 @@ def _solve(gramian: jax.Array, tol: jax.Array, max_iter: jax.Array) -> MinNormRe
     """:func:`solve_min_norm` after validation; jitted so eager calls reuse the loop."""
     dtype = gramian.dtype
     k = gramian.shape[0]
-    top = jnp.max(jnp.diagonal(gramian))
-    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
     # Scaled before symmetrised: G + G^T overflows from entries of half the
     # largest float; divide_by_scalar, since XLA turns G / scale into
     # G * (1 / scale), which flushes to zero for scale > 2^126 in float32.
-    g = engine.divide_by_scalar(gramian, scale)
+    g, scale = engine.scale_by_largest_diagonal(gramian)
     g = (g + g.T) / 2
 
     # Rounding level of the gap: sum_k w_k g_k cannot cancel below eps K w^T |G| w,
@@ -635,9 +633,7 @@ def _solve_dual_cone(
     dtype = gramian.dtype
     k = gramian.shape[0]
     eps = jnp.finfo(dtype).eps
-    top = jnp.max(jnp.diagonal(gramian))
-    scale = jnp.where((top > 0) & jnp.isfinite(top), top, 1).astype(dtype)
-    g = engine.divide_by_scalar(gramian, scale)
+    g, _ = engine.scale_by_largest_diagonal(gramian)
     g = (g + g.T) / 2
     b = g @ u
     abs_g = jnp.abs(g)
