@@ -42,6 +42,7 @@ def _check_scale_mode(scale_mode: str) -> None:
         )
 
 
+@engine.full_precision
 def aligned_mtl_weights(
     gramian: jax.typing.ArrayLike,
     *,

@@ -245,6 +245,7 @@ def compose(
             scale = _safe_norm(_task_sum(updates)) / jnp.maximum(out_norm, _RESCALE_EPS)
         return out, summed, scale, tuple(new_states)
 
+    @engine.full_precision
     def update_fn(
         updates: Any,
         state: tuple[Any, ...],
@@ -259,6 +260,7 @@ def compose(
         update = jax.tree_util.tree_map(lambda x, g: x.astype(g.dtype), summed, updates)
         return update, new_state
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: tuple[Any, ...],

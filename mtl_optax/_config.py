@@ -132,6 +132,7 @@ def _min_norm_solve(cos: jax.Array, pref: jax.Array, rcond: float, solver: str):
     return c, cos @ c
 
 
+@engine.full_precision
 def conflict_free_coefficients(
     gramian: jax.Array,
     weights: jax.Array | None = None,
@@ -597,6 +598,7 @@ def m_conflict_free(
             weights=initial_weights(k),
         )
 
+    @engine.full_precision
     def update_fn(
         updates: Any,
         state: MConflictFreeState,

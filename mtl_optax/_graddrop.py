@@ -491,6 +491,7 @@ def graddrop(
         )
         return out, GradDropState(key=next_key)
 
+    @engine.full_precision
     def update_fn(
         updates: Any,
         state: GradDropState,
@@ -503,6 +504,7 @@ def graddrop(
         del extra_args
         return step(updates, state, params, graddrop_uniforms, per_task=False, value=value)
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: GradDropState,

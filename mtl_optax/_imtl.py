@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mtl_optax import engine
 from mtl_optax.base import WeightedTransformation, Weighting, from_weighting, initial_weights
 from mtl_optax.registry import register
 
@@ -64,6 +65,7 @@ def _pinv_jvp(primals, tangents):
     return p, dp
 
 
+@engine.full_precision
 def imtl_g_weights(gramian: jax.Array, *, rcond: float | None = None) -> jax.Array:
     r"""The IMTL-G weights :math:`\alpha` from the Gramian (see :func:`imtl_g`).
 

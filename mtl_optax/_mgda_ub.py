@@ -172,11 +172,13 @@ def mgda_ub(
         del params
         return weighting.init()
 
+    @engine.full_precision
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         w, new_state = weights_and_state(updates, state, params, value)
         return engine.combine(updates, w), new_state
 
+    @engine.full_precision
     def per_task_update_fn(updates, state, params=None, *, value=None, **extra_args):
         del extra_args
         w, new_state = weights_and_state(updates, state, params, value)

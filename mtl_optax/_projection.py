@@ -148,6 +148,7 @@ def _transformation(name: str, init, rule, num_tasks: int | None) -> WeightedTra
     weighting = Weighting(name=name, init=init, weights=weights_fn, num_tasks=num_tasks)
     tx = from_weighting(weighting)
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: Any,

@@ -163,6 +163,7 @@ def _inner_loop(matrix, inner_weights, w_tilde, lr, momentum, lambda_, *, n_iter
     return (w + pull) / (1.0 + lambda_), w
 
 
+@engine.full_precision
 def sdmgrad_weights(
     matrix: jax.typing.ArrayLike,
     inner_weights: jax.typing.ArrayLike,
@@ -452,6 +453,7 @@ def sdmgrad(
         del params
         return init()
 
+    @engine.full_precision
     def update_fn(
         updates: Any,
         state: SDMGradState,
@@ -465,6 +467,7 @@ def sdmgrad(
         weights, new_state = weights_and_state(updates, state, params, value, cross_gramian)
         return engine.combine(updates, weights), new_state
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: SDMGradState,

@@ -84,6 +84,7 @@ def _prepared(
     return _prepared_gramian(gramian, norm_eps, reg_eps), pref
 
 
+@engine.full_precision
 def upgrad_weights(
     gramian: jax.typing.ArrayLike,
     *,
@@ -106,6 +107,7 @@ def upgrad_weights(
     return jnp.sum(solvers.dual_cone_weights(prepared, jnp.diag(pref)), axis=0)
 
 
+@engine.full_precision
 def dualproj_weights(
     gramian: jax.typing.ArrayLike,
     *,

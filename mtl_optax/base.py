@@ -241,6 +241,7 @@ def from_weighting(weighting: Weighting) -> WeightedTransformation:
         gram = engine.gramian(updates) if weighting.needs_gramian else None
         return weighting.weights(gram, state, value, num_tasks=k, dtype=dtype)
 
+    @engine.full_precision
     def update_fn(
         updates: Any,
         state: Any,
@@ -253,6 +254,7 @@ def from_weighting(weighting: Weighting) -> WeightedTransformation:
         weights, new_state = weights_and_state(updates, state, params, value)
         return engine.combine(updates, weights), new_state
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: Any,

@@ -395,7 +395,11 @@ def lean_grad(
         dtype = jnp.promote_types(dtype, engine.accumulation_dtype(gramian.dtype))
     elif weighting.needs_gramian:
         gramian = _gramian(vjp, jvp, k, losses.dtype, dtype, chunk_size)
-    weights, new_state = weighting.weights(gramian, state, losses, num_tasks=k, dtype=dtype)
+    # The weighting's K x K work at full precision, as in every transformation;
+    # the Gramian above comes through the user's model, at the user's precision.
+    weights, new_state = engine.full_precision(weighting.weights)(
+        gramian, state, losses, num_tasks=k, dtype=dtype
+    )
     weights = jnp.asarray(weights)
     if weights.shape != (k,):
         raise ValueError(

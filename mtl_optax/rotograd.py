@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from flax import nnx
 
+from mtl_optax import engine
+
 __all__ = [
     "RotateOnly",
     "RotoGrad",
@@ -68,6 +70,7 @@ Params = dict[str, jax.Array]
 # ---------------------------------------------------------------------------
 
 
+@engine.full_precision
 def uniform_rotations(key: jax.Array, num: int, n: int, dtype: Any = None) -> jax.Array:
     """``num`` random ``n x n`` rotations (determinant +1), Haar-distributed.
 
@@ -93,6 +96,7 @@ def uniform_rotations(key: jax.Array, num: int, n: int, dtype: Any = None) -> ja
     return q.at[..., :, 0].multiply(flip[:, None])
 
 
+@engine.full_precision
 def rotation_matrices(rotation: jax.Array, base: jax.Array) -> jax.Array:
     r"""The rotations :math:`R_k = B_k \exp(A_k)` from unconstrained parameters.
 
@@ -147,6 +151,7 @@ def _split_shape(
     return lead, math.prod(rotation_shape), math.prod(post_shape)
 
 
+@engine.full_precision
 def rotate(
     z: jax.Array,
     rotations: jax.Array,
@@ -309,6 +314,7 @@ class RotoGradMethod:
             scales = jnp.ones_like(initial)
         return scales.astype(losses.dtype), state
 
+    @engine.full_precision
     def update(
         self,
         params: Params,

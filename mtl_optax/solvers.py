@@ -108,6 +108,7 @@ def _projection_simplex(y: jax.Array, scale: jax.Array) -> jax.Array:
     return out.reshape(y.shape).astype(y.dtype)
 
 
+@engine.full_precision
 def min_norm_two_point(
     v11: jax.typing.ArrayLike, v12: jax.typing.ArrayLike, v22: jax.typing.ArrayLike
 ) -> tuple[jax.Array, jax.Array]:
@@ -236,6 +237,7 @@ def _best_pair(gramian: jax.Array) -> jax.Array:
     return w / jnp.sum(w)
 
 
+@engine.full_precision
 def solve_min_norm(
     gramian: jax.typing.ArrayLike, *, max_iter: int = 250, tol: float = 1e-6
 ) -> MinNormResult:
@@ -487,6 +489,7 @@ def _solve(gramian: jax.Array, tol: jax.Array, max_iter: jax.Array) -> MinNormRe
     )
 
 
+@engine.full_precision
 def min_norm(gramian: jax.typing.ArrayLike, *, max_iter: int = 250, tol: float = 1e-6) -> jax.Array:
     r"""The weights of the minimum-norm point of the convex hull, from the Gramian.
 
@@ -531,6 +534,7 @@ class DualConeResult(NamedTuple):
     converged: jax.Array
 
 
+@engine.full_precision
 def solve_dual_cone(
     gramian: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *, max_iter: int | None = None
 ) -> DualConeResult:
@@ -698,6 +702,7 @@ def _solve_dual_cone(
     return u + s, iters, done & jnp.all(jnp.isfinite(gramian))
 
 
+@engine.full_precision
 def dual_cone_weights(
     gramian: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *, max_iter: int | None = None
 ) -> jax.Array:

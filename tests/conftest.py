@@ -18,6 +18,12 @@ _CACHE_ENV = "MTL_OPTAX_TEST_COMPILATION_CACHE"
 
 
 def pytest_configure(config):
+    # The tests' own models and reference computations multiply float32 in full
+    # on every backend (JAX's default lets a GPU use TensorFloat-32, which put
+    # an H100's jacrev of a small MLP 1e-4 away from its vmapped grad).
+    # mtl_optax's own products are at full precision whatever this setting:
+    # tests/test_precision.py checks that with the default at bfloat16.
+    jax.config.update("jax_default_matmul_precision", "highest")
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:

@@ -129,6 +129,8 @@ def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, m
     got = mtl_optax.gramian({"x": x})
     rows = columns <= engine._CPU_ROWS_MAX_COLUMNS
     expected = [] if k == 1 else ["_cpu_row_gramian"] if rows else ["_cpu_vdot_gramian"]
+    if jax.default_backend() != "cpu":
+        expected = []  # other backends take the plain contraction
     assert sorted(set(calls)) == expected
     assert got.dtype == engine.accumulation_dtype(x.dtype)
     ref = np.asarray(x, np.float64) @ np.asarray(x, np.float64).T

@@ -84,7 +84,7 @@ def _weighting_methods():
     return cases
 
 
-def _assert_trees_close(a, b, what):
+def _assert_trees_close(a, b, what, rtol=RTOL, atol=ATOL):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
     assert ta == tb, f"{what}: tree structures differ: {ta} vs {tb}"
@@ -98,7 +98,7 @@ def _assert_trees_close(a, b, what):
                 jax.random.key_data(x), jax.random.key_data(y), err_msg=what
             )
         elif jnp.issubdtype(x.dtype, jnp.floating):
-            np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=what)
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=what)
         else:
             np.testing.assert_array_equal(x, y, err_msg=what)
 
@@ -123,8 +123,28 @@ def test_lean_grad_equals_stacked_update_and_state(x64, name, kwargs):
         l_lean, u_lean, lean_state = lean_step(params, lean_state, batch)
         l_stacked, u_stacked, stacked_state = stacked_step(params, stacked_state, batch)
         np.testing.assert_allclose(l_lean, l_stacked, rtol=RTOL, atol=ATOL)
-        _assert_trees_close(u_lean, u_stacked, f"{name} update at step {step}")
-        _assert_trees_close(lean_state, stacked_state, f"{name} state at step {step}")
+        if name == "cagrad":
+            # CAGrad's dual (K >= 3) is solved iteratively, to a tolerance of 1e-8
+            # in float64: the two paths round G differently, which moves the
+            # iterate within that tolerance (2.4e-9 of the update on an H100), and
+            # may change its iteration count (a diagnostic, not compared). The
+            # update is compared relative to its largest entry.
+            rtol = 1e-7
+            scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(u_stacked))
+            _assert_trees_close(
+                u_lean, u_stacked, f"{name} update at step {step}", rtol, rtol * scale
+            )
+            for field in ("weights", "dual_weights"):
+                _assert_trees_close(
+                    getattr(lean_state, field),
+                    getattr(stacked_state, field),
+                    f"{name} state.{field} at step {step}",
+                    rtol,
+                    rtol,
+                )
+        else:
+            _assert_trees_close(u_lean, u_stacked, f"{name} update at step {step}")
+            _assert_trees_close(lean_state, stacked_state, f"{name} state at step {step}")
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(u_lean))
 
 
@@ -254,6 +274,11 @@ def _temp_bytes(fn, *args):
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="XLA's CPU buffer assignment: on an H100 the stacked step's reported temporaries"
+    " were 33.6 MB at K = 2 and 12.7 MB at K = 12 (GPU fusion keeps no stacked copy)",
+)
 def test_lean_temporary_memory_does_not_grow_with_the_number_of_tasks():
     """A wide first layer (P ~ 1.3e5 floats, the heads ~ 1e4): the stacked step's
     temporaries grow by at least a gradient per task, the lean step's stay

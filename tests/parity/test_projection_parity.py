@@ -545,15 +545,19 @@ def test_libmtl_gradvac_nan_when_the_cosine_rounds_below_minus_one(x64):
     assert np.all(update == 0.0)
 
 
-_BELOW_MINUS_ONE_SEED = 0  # the helper asserts the property, so a change of torch is caught.
-
-
 def _anti_collinear_rounding_below_minus_one():
-    """[g, -g] whose float64 cosine, as torch computes it, is below -1."""
-    g = torch.from_numpy(np.random.default_rng(_BELOW_MINUS_ONE_SEED).standard_normal(100))
-    cos = torch.dot(g, -g) / (g.norm() * (-g).norm())
-    assert cos.item() < -1.0, cos.item()
-    return np.stack([g.numpy(), -g.numpy()])
+    """[g, -g] whose float64 cosine, as torch computes it here, is below -1.
+
+    The rounding depends on torch's reduction order on this processor (seed 0
+    rounds below -1 on the CI machine, to exactly -1 on an H100 host's), so
+    the first of 200 seeds that does is taken; the search fails loudly if none.
+    """
+    for seed in range(200):
+        g = torch.from_numpy(np.random.default_rng(seed).standard_normal(100))
+        cos = torch.dot(g, -g) / (g.norm() * (-g).norm())
+        if cos.item() < -1.0:
+            return np.stack([g.numpy(), -g.numpy()])
+    raise AssertionError("no seed in 0..199 gives a torch cosine below -1 for [g, -g]")
 
 
 def test_gradvac_k40_p1e5_matches_torchjd(x64):
