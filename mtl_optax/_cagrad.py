@@ -97,6 +97,12 @@ def _solve_dual(
         acceleration=False,
         implicit_diff=False,
         jit=True,
+        # A lax.while_loop that stops at convergence. jaxopt's default without
+        # implicit differentiation ("auto") unrolls: a scan over all max_iter
+        # iterations, each masked by a lax.cond once converged. Free on CPU;
+        # on an H100 each masked step costs ~30 us, 31-51 ms for a solve that
+        # converges in 10-30 iterations (torchjd's host-side cvxpy: 9-16 ms).
+        unroll=False,
     )
     w0 = jnp.full((k,), 1.0 / k, gram.dtype)
     params, state = solver.run(w0, None, gram, c, eps)
@@ -482,6 +488,7 @@ def cagrad(
         Weighting(name="cagrad", init=init_state, weights=weights_fn, num_tasks=num_tasks)
     )
 
+    @engine.full_precision
     def per_task_update_fn(
         updates: Any,
         state: Any,

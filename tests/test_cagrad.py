@@ -407,6 +407,35 @@ def test_solver_runs_inside_the_jitted_update():
     assert "callback" not in text
 
 
+def _primitives(jaxpr):
+    """(primitive name, params) of every equation, in nested jaxprs too."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, eqn.params
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _primitives(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _primitives(sub)
+
+
+def test_dual_solver_stops_at_convergence_instead_of_scanning_max_iter():
+    """The dual solver is a while loop that exits once converged.
+
+    jaxopt's default without implicit differentiation unrolls its loop into a
+    scan over all ``max_iter`` iterations, each masked by a ``lax.cond`` after
+    convergence: free on CPU, ~30 us per masked step on an H100 (31-51 ms per
+    update at K = 10 and 40 against 0.4-4.4 ms with the while loop).
+    """
+    tx = cagrad(num_tasks=4, max_iter=777)
+    tree = _tree(_random(3, 4, 30), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda t: tx.update(t, tx.init(None))[0])(tree).jaxpr
+    prims = list(_primitives(jaxpr))
+    scans = [p["length"] for name, p in prims if name == "scan"]
+    assert not any(length >= 700 for length in scans), scans
+    assert any(name == "while" for name, _ in prims)
+
+
 def test_jit_and_eager_agree_bitwise():
     tx = cagrad(num_tasks=3)
     tree = _tree(_random(14, 3, 30), jnp.float32)
