@@ -62,6 +62,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mtl_optax
 
@@ -141,8 +142,13 @@ def use_heap_allocator() -> None:
         raise RuntimeError("mallopt failed: --heap-allocator needs glibc")
 
 
-def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
-    """Callables ``J_torch -> aggregated vector`` of the references for ``name``."""
+def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callable[[Any], Any]]:
+    """Callables ``J_torch -> aggregated vector`` of the references for ``name``.
+
+    ``device`` is where ``J_torch`` lives (``"cpu"`` or ``"cuda"``): the
+    references that hold tensors of their own (torchjd's ``Constant``, LibMTL's
+    losses) get them there.
+    """
     try:
         import torch
     except ImportError:
@@ -173,7 +179,7 @@ def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
                 "aligned_mtl": A.AlignedMTL,
             }
             if name == "constant":
-                refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k))
+                refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k, device=device))
             elif name in tjd:
                 refs["torchjd"] = tjd[name]()
         except ImportError:
@@ -189,7 +195,7 @@ def torch_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
                 refs["conflictfree"] = cf.IMTLGOperator().calculate_gradient
         except ImportError:
             pass
-        refs.update(libmtl_references(name, k))
+        refs.update(libmtl_references(name, k, device))
     return refs
 
 
@@ -206,7 +212,7 @@ _LIBMTL = {
 }
 
 
-def libmtl_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
+def libmtl_references(name: str, k: int, device: str = "cpu") -> dict[str, Callable[[Any], Any]]:
     """LibMTL's weighting on a given J: ``J_torch -> aggregated vector``.
 
     LibMTL's weightings compute the task gradients of the model's shared
@@ -226,13 +232,16 @@ def libmtl_references(name: str, k: int) -> dict[str, Callable[[Any], Any]]:
         from tests.parity.conftest import import_libmtl
 
         libmtl = import_libmtl()
-    except Exception:  # LibMTL (or torch) not installed: no LibMTL column
+    except (Exception, pytest.skip.Exception):
+        # LibMTL (or torch) not installed, or not importable (import_libmtl
+        # skips: LibMTL 1.1.5 needs torchvision.models.utils, gone from
+        # torchvision 0.26): no LibMTL column.
         return {}
     cls_name, kwargs = _LIBMTL[name]
     weighting = getattr(libmtl.weighting, cls_name)()
-    weighting.task_num, weighting.device, weighting.rep_grad = k, "cpu", False
+    weighting.task_num, weighting.device, weighting.rep_grad = k, torch.device(device), False
     weighting.init_param()
-    losses = torch.linspace(0.5, 2.0, k)
+    losses = torch.linspace(0.5, 2.0, k, device=device)
     out: dict[str, Any] = {}
 
     def run(J: Any) -> Any:
@@ -255,8 +264,17 @@ def floor_fn(J: jax.Array) -> jax.Array:
 
 
 def run(
-    ks, ps, methods, use_torch: bool, repeats: int, budget_s: float, settle_s: float = 0.0
+    ks,
+    ps,
+    methods,
+    use_torch: bool,
+    repeats: int,
+    budget_s: float,
+    settle_s: float = 0.0,
+    on_row: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
+    """Times every method at every size; ``on_row(rows)`` after each row (the
+    rows so far), so that a run cut short keeps what it measured."""
     rows = []
     floor = jax.jit(floor_fn)
     noop = jax.jit(lambda J: J[0, 0])
@@ -267,12 +285,17 @@ def run(
             # The cost of calling a jitted function at all (argument handling,
             # dispatch), which every jax time below includes.
             noop_ms = _time(lambda J=J: noop(J), repeats, budget_s)
-            J_torch = None
+            J_torch, torch_device, torch_sync = None, "cpu", lambda: None
             if use_torch:
                 import torch
 
                 torch.set_num_threads(max(1, torch.get_num_threads()))
-                J_torch = torch.from_numpy(np.array(J))
+                # The references run where JAX runs: on the GPU when JAX's
+                # default backend is one (and torch sees a CUDA device), each
+                # call then synchronised, as ``block_until_ready`` waits for JAX.
+                if jax.default_backend() == "gpu" and torch.cuda.is_available():
+                    torch_device, torch_sync = "cuda", torch.cuda.synchronize
+                J_torch = torch.from_numpy(np.array(J)).to(torch_device)
             for name in methods:
                 kwargs = {"num_tasks": k, **HPARAMS.get(name, lambda k: {})(k)}
                 tx = mtl_optax.get(name, **kwargs)
@@ -298,8 +321,13 @@ def run(
                 # call is reported, not fatal.
                 refs = {}
                 if J_torch is not None:
-                    for ref, fn in torch_references(name, k).items():
-                        ref_call = lambda fn=fn, J_torch=J_torch: fn(J_torch)
+                    for ref, fn in torch_references(name, k, torch_device).items():
+
+                        def ref_call(fn=fn, J_torch=J_torch, sync=torch_sync):
+                            out = fn(J_torch)
+                            sync()
+                            return out
+
                         try:
                             with warnings.catch_warnings():
                                 warnings.simplefilter("ignore")
@@ -320,6 +348,7 @@ def run(
                 row.update({f"{ref}_ms": ms for ref, ms in zip(refs, ref_ms, strict=True)})
                 rows.append(row)
                 print(_format_row(row), flush=True)
+                on_row(rows)
     return rows
 
 
@@ -403,14 +432,28 @@ def main() -> None:
         + (f", {args.settle_ms:g} ms of untimed calls per burst" if args.settle_ms else "")
     )
     print(HEADER)
-    rows = run(ks, ps, methods, not args.no_torch, args.repeats, args.budget, args.settle_ms / 1e3)
-    for row in rows:
-        row["allocator"] = "glibc heap" if args.heap_allocator else "default"
-        row["dispatch"] = "sync" if args.sync_dispatch else "async"
-        row["settle_s"] = args.settle_ms / 1e3
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+    setting = {
+        "allocator": "glibc heap" if args.heap_allocator else "default",
+        "dispatch": "sync" if args.sync_dispatch else "async",
+        "settle_s": args.settle_ms / 1e3,
+        "device": jax.devices()[0].device_kind,
+    }
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump([{**row, **setting} for row in rows], f, indent=1)
+
+    run(
+        ks,
+        ps,
+        methods,
+        not args.no_torch,
+        args.repeats,
+        args.budget,
+        args.settle_ms / 1e3,
+        on_row=save,
+    )
 
 
 if __name__ == "__main__":
