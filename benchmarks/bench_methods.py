@@ -69,6 +69,7 @@ import mtl_optax
 # Hyperparameters for methods whose factory has required arguments.
 HPARAMS: dict[str, Callable[[int], dict[str, Any]]] = {
     "constant": lambda k: {"weights": np.linspace(0.5, 1.5, k).tolist()},
+    "fairgrad": lambda k: {"alpha": 2.0},
 }
 
 
@@ -177,6 +178,8 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 "upgrad": A.UPGrad,
                 "dualproj": A.DualProj,
                 "aligned_mtl": A.AlignedMTL,
+                "fairgrad": lambda: A.FairGrad(alpha=2.0),
+                "nash_mtl": lambda: A.NashMTL(n_tasks=k),
             }
             if name == "constant":
                 refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k, device=device))

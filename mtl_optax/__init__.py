@@ -54,6 +54,7 @@ from mtl_optax._config import (
     conflict_free,
     m_conflict_free,
 )
+from mtl_optax._fairgrad import FairGradState, NashMTLState, fairgrad, nash_mtl
 from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
 from mtl_optax._mgda import MGDAState, mgda
@@ -101,6 +102,7 @@ __all__ = [
     "ConflictFreeState",
     "ConstantState",
     "DualProjState",
+    "FairGradState",
     "GradDropState",
     "GradDropTransformation",
     "GradNormState",
@@ -111,6 +113,7 @@ __all__ = [
     "MGDAState",
     "MeanState",
     "NSGDState",
+    "NashMTLState",
     "PCGradState",
     "PerTaskTransformation",
     "RLWState",
@@ -136,6 +139,7 @@ __all__ = [
     "cross_gramian",
     "dualproj",
     "engine",
+    "fairgrad",
     "from_weighting",
     "get",
     "graddrop",
@@ -149,6 +153,7 @@ __all__ = [
     "mean",
     "mgda",
     "mgda_ub",
+    "nash_mtl",
     "nsgd",
     "pcgrad",
     "rep_grad",

@@ -269,8 +269,8 @@ def _weighting_of(method: Any) -> Weighting:
         " mtl_optax.task_grads then tx.update. Pass the method itself, not an"
         " optax.chain: lean_grad returns a gradient to give to the optimizer. Methods"
         " with a weighting: mean, sum, constant, rlw, identity, mgda, mgda_ub, cagrad,"
-        " pcgrad, gradvac, imtl_g, upgrad, dualproj, aligned_mtl, conflict_free, nsgd,"
-        " gradnorm, sdmgrad."
+        " pcgrad, gradvac, imtl_g, upgrad, dualproj, aligned_mtl, fairgrad, nash_mtl,"
+        " conflict_free, nsgd, gradnorm, sdmgrad."
         f" Found {type(method).__name__}."
     )
 

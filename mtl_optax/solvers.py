@@ -25,10 +25,14 @@ Everything here jits and runs without host round trips:
   projection of :math:`J^\top u` onto the dual cone :math:`\{x : Jx \ge 0\}`
   of the task gradients, :math:`\arg\min_{v \ge u} v^\top G v`, by an exact
   active-set method (UPGrad, DualProj).
+* :func:`solve_alpha_fair` / :func:`alpha_fair_weights`: the positive
+  solution of :math:`G w = w^{-1/\alpha}`, by Newton's method on a convex
+  function (FairGrad; Nash-MTL for :math:`\alpha = 1`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -40,12 +44,15 @@ from jax import lax
 from mtl_optax import engine
 
 __all__ = [
+    "AlphaFairResult",
     "DualConeResult",
     "MinNormResult",
+    "alpha_fair_weights",
     "dual_cone_weights",
     "min_norm",
     "min_norm_two_point",
     "projection_simplex",
+    "solve_alpha_fair",
     "solve_dual_cone",
     "solve_min_norm",
 ]
@@ -730,3 +737,274 @@ def dual_cone_weights(
       Array([0.5, 0.5], dtype=float32)
     """
     return solve_dual_cone(gramian, u, max_iter=max_iter).weights
+
+
+class AlphaFairResult(NamedTuple):
+    """What :func:`solve_alpha_fair` returns.
+
+    Attributes:
+      weights: ``[K]`` positive weights :math:`w^\\star`.
+      residual: :math:`\\max_k |(G_\\delta w)_k - w_k^{-1/\\alpha}| /
+        w_k^{-1/\\alpha}`, the relative violation of the optimality
+        condition at the returned weights (:math:`G_\\delta` the Gramian
+        solved for: :math:`G` itself unless the regularisation was needed).
+      num_iterations: Newton iterations run, both solves included (int32).
+      regularized: whether the regularised problem was solved.
+      converged: whether the last Newton step was a full step of relative
+        size below :math:`\\sqrt{\\epsilon}` (after which the error is of the
+        order of :math:`\\epsilon`); False when ``max_iter`` stopped the loop
+        first or the Gramian is not finite.
+    """
+
+    weights: jax.Array
+    residual: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+    regularized: jax.Array
+
+
+def _check_alpha_fair_args(alpha: float, reg_eps: float, max_iter: int, name: str) -> None:
+    if isinstance(alpha, bool) or not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"{name}: alpha must be a finite number >= 0; got {alpha!r}.")
+    if isinstance(reg_eps, bool) or not np.isfinite(reg_eps) or not 0 <= reg_eps < 1:
+        raise ValueError(f"{name}: reg_eps must be a number in [0, 1); got {reg_eps!r}.")
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 0:
+        raise ValueError(f"{name}: max_iter must be an integer >= 0; got {max_iter!r}.")
+
+
+@engine.full_precision
+def solve_alpha_fair(
+    gramian: jax.typing.ArrayLike,
+    alpha: float,
+    *,
+    reg_eps: float = 1e-8,
+    max_iter: int = 100,
+) -> AlphaFairResult:
+    r"""The :math:`\alpha`-fair weights: the positive solution of :math:`G w = w^{-1/\alpha}`.
+
+    FairGrad (Ban & Ji, 2024, Equation 4) chooses the update :math:`d = J^\top
+    w` whose inner product with each task gradient is the :math:`\alpha`-fair
+    share :math:`\langle g_k, d\rangle = w_k^{-1/\alpha}`; Nash-MTL (Navon et
+    al., 2022) is the case :math:`\alpha = 1`, :math:`w_k (G w)_k = 1`, the
+    Nash bargaining solution. With :math:`\beta = 1/\alpha`, the condition is
+    the gradient of the strictly convex function on :math:`w > 0`
+
+    .. math::
+      f(w) = \tfrac12\, w^\top G_\delta\, w - \sum_{k=1}^K h(w_k), \qquad
+      h(w) = \begin{cases} \log w & \beta = 1 \\
+      \dfrac{w^{1-\beta}}{1-\beta} & \text{otherwise} \end{cases}
+      \qquad (h'(w) = w^{-\beta}),
+
+    and its minimiser is found by Newton's method: each step solves
+    :math:`(G_\delta + \beta\, \mathrm{diag}(w^{-\beta-1}))\, s = w^{-\beta} -
+    G_\delta w` (a positive definite system, one Cholesky factorization with
+    Jacobi scaling), and a backtracking line search (Armijo on :math:`f`)
+    keeps :math:`w > 0` and decreases :math:`f`; the convergence is quadratic
+    near the solution. The start is the solution of the diagonal problem,
+    :math:`w_k = G_{kk}^{-1/(1+\beta)}` (exact for orthogonal gradients). The
+    iterations run on :math:`G / \max_k G_{kk}` and the weights are scaled
+    back by :math:`(\max_k G_{kk})^{-1/(1+\beta)}`, so the solution does not
+    depend on the scale of the gradients and nothing overflows.
+
+    Regularisation: a solution exists when :math:`G` is positive definite (and
+    for many singular :math:`G`), but not always: no positive :math:`w` solves
+    the condition for two opposite gradients, or for a task with a zero
+    gradient, whose weight grows without bound. When Newton's iterations on
+    :math:`G` do not converge within ``max_iter``, the problem is solved
+    again with :math:`G_\delta = G + \delta\, \mathrm{diag}(G_{kk})` (a zero
+    task gets :math:`\delta \max_j G_{jj}` instead), a term relative to each
+    task's own squared norm (a task of small norm keeps its own large weight),
+    for which the solution always exists and is finite. :math:`\delta` is
+    ``reg_eps``, raised to :math:`4 K \epsilon` of the dtype when smaller
+    (below it the term is lost to rounding); ``reg_eps=0`` never
+    regularises, and then a problem without a solution returns the last
+    finite iterate of the growing ones (``converged`` False). The iterations
+    run on :math:`v = w / w^0`, relative to the solution :math:`w^0_k =
+    G_{kk}^{-1/(1+\beta)}` of the diagonal problem, so tasks whose norms span
+    the dtype's range are solved together.
+
+    ``alpha = 0`` gives the uniform weights :math:`1/K` (the linear
+    scalarisation the :math:`\alpha`-fair utility reduces to, TorchJD's
+    choice). A non-finite Gramian gives non-finite weights. The weights are
+    treated as constants under differentiation (``lax.stop_gradient``).
+    Jit- and vmap-compatible; ``alpha`` is a Python number (it selects the
+    form of :math:`h`).
+
+    Args:
+      gramian: ``[K, K]`` symmetric positive (semi-)definite Gramian (float32
+        at least; float64 stays float64).
+      alpha: :math:`\alpha \ge 0`, the fairness parameter (1: proportional
+        fairness, Nash-MTL; larger values move towards max-min fairness).
+      reg_eps: the relative regularisation :math:`\delta` in ``[0, 1)``, used
+        only when the exact problem is not solved.
+      max_iter: cap on the Newton iterations (of each solve).
+
+    Returns:
+      An :class:`AlphaFairResult`.
+
+    Raises:
+      ValueError: the Gramian is not ``[K, K]``, or ``alpha``, ``reg_eps`` or
+        ``max_iter`` is out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> G = jnp.array([[4.0, 0.0], [0.0, 1.0]])  # orthogonal, norms 2 and 1
+      >>> solvers.solve_alpha_fair(G, 1.0).weights  # w_k = 1 / ||g_k||
+      Array([0.5, 1. ], dtype=float32)
+
+    References:
+      Ban & Ji, `Fair Resource Allocation in Multi-Task Learning
+      <https://arxiv.org/abs/2402.15638>`_, ICML 2024 (Equation 4; TorchJD's
+      ``FairGradWeighting`` solves it with ``scipy.optimize.least_squares`` on
+      the host). Navon et al., `Multi-Task Learning as a Bargaining Game
+      <https://arxiv.org/abs/2202.01017>`_, ICML 2022 (:math:`\alpha = 1`).
+    """
+    gramian = lax.stop_gradient(_check_gramian(gramian, "solve_alpha_fair"))
+    _check_alpha_fair_args(alpha, reg_eps, max_iter, "solve_alpha_fair")
+    k = gramian.shape[0]
+    dtype = gramian.dtype
+    if alpha == 0:
+        uniform = jnp.full((k,), 1.0 / k, dtype)
+        finite = jnp.all(jnp.isfinite(gramian))
+        return AlphaFairResult(
+            jnp.where(finite, uniform, jnp.nan),
+            jnp.zeros((), dtype),
+            jnp.zeros((), jnp.int32),
+            finite,
+            jnp.asarray(False),
+        )
+    beta, max_iter = 1.0 / float(alpha), int(max_iter)
+    exact = _solve_alpha_fair(gramian, beta, 0.0, max_iter)
+    if reg_eps == 0:
+        return exact
+    delta = max(float(reg_eps), 4 * k * float(jnp.finfo(dtype).eps))
+
+    def regularized():
+        again = _solve_alpha_fair(gramian, beta, delta, max_iter)
+        return again._replace(num_iterations=again.num_iterations + exact.num_iterations)
+
+    # A non-finite Gramian keeps its (non-finite) exact result.
+    retry = ~exact.converged & jnp.all(jnp.isfinite(gramian))
+    return lax.cond(retry, regularized, lambda: exact)
+
+
+@engine.full_precision
+def alpha_fair_weights(
+    gramian: jax.typing.ArrayLike,
+    alpha: float,
+    *,
+    reg_eps: float = 1e-8,
+    max_iter: int = 100,
+) -> jax.Array:
+    r"""The weights :math:`w > 0` with :math:`G w = w^{-1/\alpha}` (see :func:`solve_alpha_fair`).
+
+    Shorthand for ``solve_alpha_fair(gramian, alpha, ...).weights``, the
+    weights of :func:`mtl_optax.fairgrad` (and, with ``alpha=1``, of
+    :func:`mtl_optax.nash_mtl` before its norm clipping).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from mtl_optax import solvers
+      >>> G = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> solvers.alpha_fair_weights(G, 2.0)  # orthogonal unit gradients: w = 1
+      Array([1., 1.], dtype=float32)
+    """
+    return solve_alpha_fair(gramian, alpha, reg_eps=reg_eps, max_iter=max_iter).weights
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _solve_alpha_fair(
+    gramian: jax.Array, beta: float, delta: float, max_iter: int
+) -> AlphaFairResult:
+    """Newton's method for :func:`solve_alpha_fair`, after validation.
+
+    The unknowns are :math:`v = w / w^0`, relative to the solution
+    :math:`w^0_k = G_{kk}^{-1/(1+\\beta)}` of the diagonal problem (1 for a zero
+    task): the condition reads :math:`M v = c \\odot v^{-\\beta}` with
+    :math:`M = W^0 G W^0` and :math:`c_k = M_{kk}`, and :math:`v` is of order 1
+    whatever the tasks' norms (in float32 the weights themselves span up to
+    1e38, beyond what a product of two of them holds).
+    """
+    dtype = gramian.dtype
+    k = gramian.shape[0]
+    eps = jnp.finfo(dtype).eps
+    g, scale = engine.scale_by_largest_diagonal(gramian)
+    g = (g + g.T) / 2
+    diag = jnp.diagonal(g)
+    live = diag > jnp.finfo(dtype).tiny  # below: a zero task (its products flush to 0)
+    safe = jnp.where(live, diag, 1)
+    inv_root = lax.rsqrt(safe)
+    unit = g * inv_root[:, None] * inv_root[None, :]  # unit diagonal, entries within [-1, 1]
+    log_diag = jnp.log(safe)
+    # c_k = M_kk = (w0_k)^(1 - beta) = G_kk^(-(1 - beta) / (1 + beta)); 1 for a zero task.
+    c = jnp.exp(-(1 - beta) / (1 + beta) * log_diag)
+    root_c = jnp.sqrt(c)
+    m = unit * root_c[:, None] * root_c[None, :]
+    # The regularisation delta diag(G_kk) (delta max_j G_jj for a zero task) in v.
+    m = m + jnp.diag(delta * jnp.where(live, c, 1))
+
+    def power(v):  # v^(-beta)
+        return 1 / v if beta == 1 else v ** (-beta)
+
+    def objective(v):
+        quadratic = 0.5 * (v @ (m @ v))
+        h = c * (jnp.log(v) if beta == 1 else v ** (1 - beta) / (1 - beta))
+        total = quadratic - jnp.sum(h)
+        # The rounding level of f, for the line search's comparison.
+        return total, 8 * k * eps * (jnp.abs(quadratic) + jnp.sum(jnp.abs(h)))
+
+    def newton_step(v):
+        share = c * power(v)
+        grad = m @ v - share
+        hess = m + jnp.diag(beta * share / v)
+        hd = jnp.diagonal(hess)
+        d = lax.rsqrt(jnp.where(hd > 0, hd, 1))
+        factor = (jnp.linalg.cholesky(hess * d[:, None] * d[None, :]), True)
+        return d * jax.scipy.linalg.cho_solve(factor, -grad * d), grad
+
+    def cond(carry):
+        _, i, done, stuck = carry
+        return (i < max_iter) & ~done & ~stuck
+
+    def body(carry):
+        v, i, _, _ = carry
+        step, grad = newton_step(v)
+        # The longest step that keeps v > 0 (leaving 1% of the way to 0).
+        shrink = step < 0
+        bound = jnp.min(jnp.where(shrink, -v / jnp.where(shrink, step, -1), jnp.inf))
+        t0 = jnp.minimum(1.0, 0.99 * bound).astype(dtype)
+        f0, noise = objective(v)
+        slope = grad @ step  # < 0: a descent direction (the Hessian is positive definite)
+
+        def armijo_fails(t):
+            f, _ = objective(v + t * step)
+            return ~(f <= f0 + 1e-4 * t * slope + noise)
+
+        t = lax.while_loop(
+            lambda c: (c[1] < 60) & armijo_fails(c[0]),
+            lambda c: (c[0] / 2, c[1] + 1),
+            (t0, jnp.asarray(0, jnp.int32)),
+        )[0]
+        v_new = v + t * step
+        size = jnp.max(jnp.abs(t * step) / v_new)
+        done = (t == 1) & (size <= jnp.sqrt(eps))
+        # Growing iterates (no solution) stop at the last finite one.
+        stuck = ~jnp.all(jnp.isfinite(v_new) & (v_new > 0))
+        return jnp.where(stuck, v, v_new), i + 1, done & ~stuck, stuck
+
+    v0 = jnp.ones((k,), dtype)
+    init = (v0, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False))
+    v, iters, done, _ = lax.while_loop(cond, body, init)
+    share = c * power(v)
+    residual = jnp.max(jnp.abs(m @ v - share) / share)
+    # w = v w0 scale^(-1 / (1 + beta)) = v (G_kk)^(-1 / (1 + beta)), in logarithms.
+    weights = v * jnp.exp(-(log_diag + jnp.log(scale)) / (1 + beta))
+    finite = jnp.all(jnp.isfinite(gramian))
+    return AlphaFairResult(
+        jnp.where(finite, weights, jnp.nan),
+        residual,
+        iters,
+        done & finite & jnp.all(jnp.isfinite(v)),
+        jnp.asarray(delta > 0),
+    )

@@ -14,6 +14,7 @@ def hparams(name: str, num_tasks: int) -> dict:
     """The keyword arguments that build method ``name`` for ``num_tasks`` tasks."""
     extra = {
         "constant": {"weights": np.linspace(0.5, 1.5, num_tasks).tolist()},
+        "fairgrad": {"alpha": 2.0},
     }.get(name, {})
     return {"num_tasks": num_tasks, **extra}
 

@@ -115,8 +115,18 @@ def test_engine_products_are_at_full_precision(fn):
         mtl_optax._upgrad.dualproj_weights,
         mtl_optax._imtl.imtl_g_weights,
         mtl_optax._aligned_mtl.aligned_mtl_weights,
+        lambda g: solvers.alpha_fair_weights(g, 2.0),
     ],
-    ids=["min_norm", "solve_min_norm", "dual_cone", "upgrad", "dualproj", "imtl_g", "aligned_mtl"],
+    ids=[
+        "min_norm",
+        "solve_min_norm",
+        "dual_cone",
+        "upgrad",
+        "dualproj",
+        "imtl_g",
+        "aligned_mtl",
+        "alpha_fair",
+    ],
 )
 def test_public_weightings_and_solvers_are_at_full_precision(fn):
     rng = np.random.default_rng(1)
