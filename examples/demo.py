@@ -134,6 +134,7 @@ def method_hparams(train: Data, seed: int) -> dict[str, dict[str, Any]]:
         # each task then contributes a loss of comparable size.
         "constant": {"weights": (inv_var / inv_var.sum()).tolist()},
         "rlw": {"key": seed},
+        "fairgrad": {"alpha": 2.0},  # TorchJD requires alpha; 1.0 would repeat nash_mtl
     }
 
 

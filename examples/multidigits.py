@@ -185,6 +185,8 @@ def build_method(name: str, seed: int) -> optax.GradientTransformationExtraArgs:
     kwargs: dict[str, Any] = {"num_tasks": NUM_TASKS, "key": seed}
     if name == "constant":
         kwargs["weights"] = [0.5, 0.5]
+    if name == "fairgrad":
+        kwargs["alpha"] = 2.0  # TorchJD requires alpha; 1.0 would repeat nash_mtl
     for drop in ((), ("key",), ("key", "num_tasks")):
         try:
             return mtl_optax.get(name, **{k: v for k, v in kwargs.items() if k not in drop})

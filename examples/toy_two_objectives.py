@@ -200,6 +200,7 @@ def build_method(name: str, *, seed: int, scale: float) -> optax.GradientTransfo
     hparams: dict[str, dict[str, Any]] = {
         "cagrad": {"alpha": 0.4, "max_iter": 20},
         "constant": {"weights": [1.0 / (1.0 + scale), scale / (1.0 + scale)]},
+        "fairgrad": {"alpha": 2.0},  # TorchJD requires alpha; 1.0 would repeat nash_mtl
     }
     kwargs = {"num_tasks": 2, **hparams.get(name, {})}
     for random_kw in ("key",):

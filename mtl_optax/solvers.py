@@ -33,7 +33,7 @@ Everything here jits and runs without host round trips:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -750,10 +750,12 @@ class AlphaFairResult(NamedTuple):
         solved for: :math:`G` itself unless the regularisation was needed).
       num_iterations: Newton iterations run, both solves included (int32).
       regularized: whether the regularised problem was solved.
-      converged: whether the last Newton step was a full step of relative
-        size below :math:`\\sqrt{\\epsilon}` (after which the error is of the
-        order of :math:`\\epsilon`); False when ``max_iter`` stopped the loop
-        first or the Gramian is not finite.
+      converged: whether the last Newton step was of relative size below
+        :math:`\\sqrt{\\epsilon}` (after which the error is of the order of
+        :math:`\\epsilon` times the condition), or the residual is below
+        :math:`\\sqrt{\\epsilon}`; False when ``max_iter`` or a line search
+        that finds no decrease stopped the loop first, or the Gramian is not
+        finite.
     """
 
     weights: jax.Array
@@ -779,6 +781,7 @@ def solve_alpha_fair(
     *,
     reg_eps: float = 1e-8,
     max_iter: int = 100,
+    init: jax.typing.ArrayLike | None = None,
 ) -> AlphaFairResult:
     r"""The :math:`\alpha`-fair weights: the positive solution of :math:`G w = w^{-1/\alpha}`.
 
@@ -801,7 +804,10 @@ def solve_alpha_fair(
     Jacobi scaling), and a backtracking line search (Armijo on :math:`f`)
     keeps :math:`w > 0` and decreases :math:`f`; the convergence is quadratic
     near the solution. The start is the solution of the diagonal problem,
-    :math:`w_k = G_{kk}^{-1/(1+\beta)}` (exact for orthogonal gradients). The
+    :math:`w_k = G_{kk}^{-1/(1+\beta)}` (exact for orthogonal gradients), or
+    ``init``: in a training loop the last step's weights, from which a few
+    iterations suffice (:func:`mtl_optax.fairgrad` and
+    :func:`mtl_optax.nash_mtl` warm-start so). The
     iterations run on :math:`G / \max_k G_{kk}` and the weights are scaled
     back by :math:`(\max_k G_{kk})^{-1/(1+\beta)}`, so the solution does not
     depend on the scale of the gradients and nothing overflows.
@@ -810,8 +816,10 @@ def solve_alpha_fair(
     for many singular :math:`G`), but not always: no positive :math:`w` solves
     the condition for two opposite gradients, or for a task with a zero
     gradient, whose weight grows without bound. When Newton's iterations on
-    :math:`G` do not converge within ``max_iter``, the problem is solved
-    again with :math:`G_\delta = G + \delta\, \mathrm{diag}(G_{kk})` (a zero
+    :math:`G` do not converge within ``max_iter``, or their iterates grow
+    past a tenth of the size :math:`\delta^{-1/(1+\beta)}` (relative to the
+    diagonal solution, see below) that the regularisation allows, the
+    problem is solved again with :math:`G_\delta = G + \delta\, \mathrm{diag}(G_{kk})` (a zero
     task gets :math:`\delta \max_j G_{jj}` instead), a term relative to each
     task's own squared norm (a task of small norm keeps its own large weight),
     for which the solution always exists and is finite. :math:`\delta` is
@@ -838,6 +846,8 @@ def solve_alpha_fair(
       reg_eps: the relative regularisation :math:`\delta` in ``[0, 1)``, used
         only when the exact problem is not solved.
       max_iter: cap on the Newton iterations (of each solve).
+      init: ``[K]`` start weights (entries that are not positive and finite
+        start from the diagonal solution); the solution does not depend on it.
 
     Returns:
       An :class:`AlphaFairResult`.
@@ -875,18 +885,14 @@ def solve_alpha_fair(
             jnp.asarray(False),
         )
     beta, max_iter = 1.0 / float(alpha), int(max_iter)
-    exact = _solve_alpha_fair(gramian, beta, 0.0, max_iter)
-    if reg_eps == 0:
-        return exact
-    delta = max(float(reg_eps), 4 * k * float(jnp.finfo(dtype).eps))
-
-    def regularized():
-        again = _solve_alpha_fair(gramian, beta, delta, max_iter)
-        return again._replace(num_iterations=again.num_iterations + exact.num_iterations)
-
-    # A non-finite Gramian keeps its (non-finite) exact result.
-    retry = ~exact.converged & jnp.all(jnp.isfinite(gramian))
-    return lax.cond(retry, regularized, lambda: exact)
+    if init is None:
+        init = jnp.full((k,), jnp.nan, dtype)
+    init = jnp.asarray(init)
+    if init.shape != (k,):
+        raise ValueError(f"solve_alpha_fair: init must have shape ({k},); found {init.shape}.")
+    init = lax.stop_gradient(init.astype(dtype))
+    delta = 0.0 if reg_eps == 0 else max(float(reg_eps), 4 * k * float(jnp.finfo(dtype).eps))
+    return _alpha_fair(gramian, init, beta, delta, max_iter)
 
 
 @engine.full_precision
@@ -896,6 +902,7 @@ def alpha_fair_weights(
     *,
     reg_eps: float = 1e-8,
     max_iter: int = 100,
+    init: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""The weights :math:`w > 0` with :math:`G w = w^{-1/\alpha}` (see :func:`solve_alpha_fair`).
 
@@ -910,12 +917,39 @@ def alpha_fair_weights(
       >>> solvers.alpha_fair_weights(G, 2.0)  # orthogonal unit gradients: w = 1
       Array([1., 1.], dtype=float32)
     """
-    return solve_alpha_fair(gramian, alpha, reg_eps=reg_eps, max_iter=max_iter).weights
+    return solve_alpha_fair(gramian, alpha, reg_eps=reg_eps, max_iter=max_iter, init=init).weights
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(4,))
+def _alpha_fair(
+    gramian: jax.Array, init: jax.Array, beta: Any, delta: Any, max_iter: int
+) -> AlphaFairResult:
+    """The exact solve, then the regularised one where it fails (``delta > 0``).
+
+    One compilation per Gramian shape, dtype and ``max_iter`` serves every
+    alpha and regularisation (they are traced).
+    """
+    dtype = gramian.dtype
+    beta, delta = jnp.asarray(beta, dtype), jnp.asarray(delta, dtype)
+    regularise = delta > 0
+    # Without a solution the exact iterates grow geometrically; beyond a tenth of
+    # the size delta^(-1 / (1 + beta)) that the regularisation allows (relative
+    # to the diagonal solution), the regularised solution is the answer anyway.
+    safe_delta = jnp.where(regularise, delta, 1)
+    cap = jnp.where(regularise, 0.1 * safe_delta ** (-1 / (1 + beta)), jnp.inf)
+    exact = _solve_alpha_fair(gramian, init, beta, jnp.zeros((), dtype), max_iter, cap)
+
+    def regularized():
+        again = _solve_alpha_fair(gramian, init, beta, delta, max_iter, jnp.inf)
+        return again._replace(num_iterations=again.num_iterations + exact.num_iterations)
+
+    # A non-finite Gramian keeps its (non-finite) exact result.
+    retry = regularise & ~exact.converged & jnp.all(jnp.isfinite(gramian))
+    return lax.cond(retry, regularized, lambda: exact)
+
+
 def _solve_alpha_fair(
-    gramian: jax.Array, beta: float, delta: float, max_iter: int
+    gramian: jax.Array, init: jax.Array, beta: Any, delta: Any, max_iter: int, cap: Any
 ) -> AlphaFairResult:
     """Newton's method for :func:`solve_alpha_fair`, after validation.
 
@@ -924,11 +958,14 @@ def _solve_alpha_fair(
     task): the condition reads :math:`M v = c \\odot v^{-\\beta}` with
     :math:`M = W^0 G W^0` and :math:`c_k = M_{kk}`, and :math:`v` is of order 1
     whatever the tasks' norms (in float32 the weights themselves span up to
-    1e38, beyond what a product of two of them holds).
+    1e38, beyond what a product of two of them holds). ``beta``, ``delta`` and
+    ``cap`` are traced (one compilation serves every alpha).
     """
     dtype = gramian.dtype
     k = gramian.shape[0]
     eps = jnp.finfo(dtype).eps
+    beta, delta, cap = (jnp.asarray(x, dtype) for x in (beta, delta, cap))
+    log_form = beta == 1  # h = log v (Nash-MTL) rather than v^(1 - beta) / (1 - beta)
     g, scale = engine.scale_by_largest_diagonal(gramian)
     g = (g + g.T) / 2
     diag = jnp.diagonal(g)
@@ -945,11 +982,12 @@ def _solve_alpha_fair(
     m = m + jnp.diag(delta * jnp.where(live, c, 1))
 
     def power(v):  # v^(-beta)
-        return 1 / v if beta == 1 else v ** (-beta)
+        return jnp.where(log_form, 1 / v, v ** (-beta))
 
     def objective(v):
         quadratic = 0.5 * (v @ (m @ v))
-        h = c * (jnp.log(v) if beta == 1 else v ** (1 - beta) / (1 - beta))
+        general = v ** (1 - beta) / jnp.where(log_form, 1, 1 - beta)
+        h = c * jnp.where(log_form, jnp.log(v), general)
         total = quadratic - jnp.sum(h)
         # The rounding level of f, for the line search's comparison.
         return total, 8 * k * eps * (jnp.abs(quadratic) + jnp.sum(jnp.abs(h)))
@@ -981,30 +1019,41 @@ def _solve_alpha_fair(
             f, _ = objective(v + t * step)
             return ~(f <= f0 + 1e-4 * t * slope + noise)
 
-        t = lax.while_loop(
-            lambda c: (c[1] < 60) & armijo_fails(c[0]),
+        t, halvings = lax.while_loop(
+            lambda c: (c[1] < 40) & armijo_fails(c[0]),
             lambda c: (c[0] / 2, c[1] + 1),
             (t0, jnp.asarray(0, jnp.int32)),
-        )[0]
+        )
         v_new = v + t * step
-        size = jnp.max(jnp.abs(t * step) / v_new)
-        done = (t == 1) & (size <= jnp.sqrt(eps))
-        # Growing iterates (no solution) stop at the last finite one.
-        stuck = ~jnp.all(jnp.isfinite(v_new) & (v_new > 0))
-        return jnp.where(stuck, v, v_new), i + 1, done & ~stuck, stuck
+        # Converged: the Newton step itself is below sqrt(eps) relative (the
+        # error after it is of the order of eps times the condition).
+        done = jnp.max(jnp.abs(step) / v) <= jnp.sqrt(eps)
+        # Growing iterates (no solution) stop at the last finite one, or at cap;
+        # a shortened step that lowers f by less than its rounding ends the loop
+        # too (in float32 on an ill-conditioned G the iterates would otherwise
+        # creep); a full Newton step always counts.
+        stuck = ~jnp.all(jnp.isfinite(v_new) & (v_new > 0) & (v_new <= cap))
+        f_new, _ = objective(v_new)
+        stalled = ((halvings >= 40) | (~(f_new < f0 - noise) & (t < 1))) & ~done
+        return jnp.where(stuck, v, v_new), i + 1, done & ~stuck, stuck | stalled
 
-    v0 = jnp.ones((k,), dtype)
-    init = (v0, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False))
-    v, iters, done, _ = lax.while_loop(cond, body, init)
+    # w = v w0 scale^(-1 / (1 + beta)) = v (G_kk)^(-1 / (1 + beta)), in logarithms.
+    unit_weights = jnp.exp(-(log_diag + jnp.log(scale)) / (1 + beta))
+    v0 = init / unit_weights
+    v0 = jnp.where(jnp.isfinite(v0) & (v0 > 0) & (v0 <= cap), v0, 1)
+    start = (v0, jnp.asarray(0, jnp.int32), jnp.asarray(False), jnp.asarray(False))
+    v, iters, done, _ = lax.while_loop(cond, body, start)
     share = c * power(v)
     residual = jnp.max(jnp.abs(m @ v - share) / share)
-    # w = v w0 scale^(-1 / (1 + beta)) = v (G_kk)^(-1 / (1 + beta)), in logarithms.
-    weights = v * jnp.exp(-(log_diag + jnp.log(scale)) / (1 + beta))
+    # A stalled line search at a point that meets the condition to sqrt(eps)
+    # has converged as far as the dtype allows.
+    done = done | (residual <= jnp.sqrt(eps))
+    weights = v * unit_weights
     finite = jnp.all(jnp.isfinite(gramian))
     return AlphaFairResult(
         jnp.where(finite, weights, jnp.nan),
         residual,
         iters,
         done & finite & jnp.all(jnp.isfinite(v)),
-        jnp.asarray(delta > 0),
+        delta > 0,
     )
