@@ -275,3 +275,28 @@ def test_nash_mtl_hyperparameters_are_checked(kwargs, message):
 def test_methods_are_registered():
     assert {"fairgrad", "nash_mtl"} <= set(mtl_optax.available())
     assert isinstance(mtl_optax.get("fairgrad", alpha=1.0), optax.GradientTransformationExtraArgs)
+
+
+def test_warm_start_changes_the_iterations_not_the_solution(x64):
+    jac = _jac(9, 6, 30, row_scales=True)
+    gram = jac @ jac.T
+    cold = solvers.solve_alpha_fair(gram, 2.0)
+    rng = np.random.default_rng(0)
+    for init in (cold.weights * 1.01, rng.uniform(0.1, 10, 6), [np.nan, -1.0, 0.0, 1, 2, np.inf]):
+        warm = solvers.solve_alpha_fair(gram, 2.0, init=jnp.asarray(init))
+        assert bool(warm.converged)
+        np.testing.assert_allclose(warm.weights, cold.weights, rtol=1e-10)
+    near = solvers.solve_alpha_fair(gram, 2.0, init=cold.weights * 1.01)
+    assert int(near.num_iterations) <= 3 < int(cold.num_iterations)
+    with pytest.raises(ValueError, match=r"init must have shape \(6,\)"):
+        solvers.solve_alpha_fair(gram, 2.0, init=jnp.ones(5))
+
+
+def test_fairgrad_warm_starts_from_its_last_weights(x64):
+    """The second step starts from the first step's (float32) weights and gives the same update."""
+    jac = _jac(4, 5, 20)
+    tx = mtl_optax.fairgrad(2.0, num_tasks=5)
+    step = jax.jit(tx.update)
+    u1, state = step({"w": jnp.asarray(jac)}, tx.init(None))
+    u2, _ = step({"w": jnp.asarray(jac)}, state)
+    np.testing.assert_allclose(u2["w"], u1["w"], rtol=1e-6)  # the logged start is float32
