@@ -70,7 +70,12 @@ import mtl_optax
 HPARAMS: dict[str, Callable[[int], dict[str, Any]]] = {
     "constant": lambda k: {"weights": np.linspace(0.5, 1.5, k).tolist()},
     "fairgrad": lambda k: {"alpha": 2.0},
+    "krum": lambda k: {"n_byzantine": (k - 3) // 2},
+    "trimmed_mean": lambda k: {"trim_number": k // 4},
 }
+# The fewest tasks a method accepts (Krum scores need K >= n_byzantine + 3):
+# smaller K are left out of its rows.
+MIN_TASKS: dict[str, int] = {"krum": 3}
 
 
 def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
@@ -180,6 +185,8 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 "aligned_mtl": A.AlignedMTL,
                 "fairgrad": lambda: A.FairGrad(alpha=2.0),
                 "nash_mtl": lambda: A.NashMTL(n_tasks=k),
+                "krum": lambda: A.Krum(n_byzantine=(k - 3) // 2),
+                "trimmed_mean": lambda: A.TrimmedMean(trim_number=k // 4),
             }
             if name == "constant":
                 refs["torchjd"] = A.Constant(torch.linspace(0.5, 1.5, k, device=device))
@@ -300,6 +307,8 @@ def run(
                     torch_device, torch_sync = "cuda", torch.cuda.synchronize
                 J_torch = torch.from_numpy(np.array(J)).to(torch_device)
             for name in methods:
+                if k < MIN_TASKS.get(name, 1):
+                    continue
                 kwargs = {"num_tasks": k, **HPARAMS.get(name, lambda k: {})(k)}
                 tx = mtl_optax.get(name, **kwargs)
                 state = tx.init({"J": jnp.zeros((p,), jnp.float32)})

@@ -62,6 +62,7 @@ from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax._nonfinite import ApplyIfFiniteState, apply_if_finite
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
+from mtl_optax._robust import KrumState, TrimmedMeanState, krum, trimmed_mean
 from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
 from mtl_optax._upgrad import DualProjState, UPGradState, dualproj, upgrad
 from mtl_optax.base import (
@@ -109,6 +110,7 @@ __all__ = [
     "GradVacState",
     "IMTLGState",
     "IdentityState",
+    "KrumState",
     "MConflictFreeState",
     "MGDAState",
     "MeanState",
@@ -121,6 +123,7 @@ __all__ = [
     "RepGradState",
     "SDMGradState",
     "SumState",
+    "TrimmedMeanState",
     "UPGradState",
     "WeightedTransformation",
     "Weighting",
@@ -148,6 +151,7 @@ __all__ = [
     "gramian",
     "identity",
     "imtl_g",
+    "krum",
     "lean",
     "m_conflict_free",
     "mean",
@@ -163,5 +167,6 @@ __all__ = [
     "solvers",
     "sum",
     "task_grads",
+    "trimmed_mean",
     "upgrad",
 ]

@@ -15,8 +15,22 @@ def hparams(name: str, num_tasks: int) -> dict:
     extra = {
         "constant": {"weights": np.linspace(0.5, 1.5, num_tasks).tolist()},
         "fairgrad": {"alpha": 2.0},
+        # Krum scores need K >= n_byzantine + 3 (see MIN_TASKS).
+        "krum": {"n_byzantine": max(0, (num_tasks - 3) // 2), "n_selected": max(1, num_tasks // 4)},
+        # The coordinate-wise median for odd K.
+        "trimmed_mean": {"trim_number": (num_tasks - 1) // 2},
     }.get(name, {})
     return {"num_tasks": num_tasks, **extra}
+
+
+# The fewest tasks a method accepts; with fewer, building it with
+# ``hparams(name, K)`` raises a ValueError whose message says "at least".
+MIN_TASKS = {"krum": 3}
+
+
+def min_tasks(name: str) -> int:
+    """The fewest tasks method ``name`` accepts (1 for most)."""
+    return MIN_TASKS.get(name, 1)
 
 
 def raw(tree):

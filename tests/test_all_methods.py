@@ -17,6 +17,8 @@ Method-specific numbers (parity with the references, guarantees) are tested in
 each method's own test module.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ import pytest
 
 import mtl_optax
 
-from .methods import hparams, raw
+from .methods import hparams, min_tasks, raw
 
 P_SHAPES = {"w": (6, 5), "b": (5,)}  # P = 35
 
@@ -83,17 +85,29 @@ def _cosine(a, b):
     return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
 
 
+@functools.cache
+def _jitted(name, k):
+    """Method ``name`` for ``k`` tasks and its jitted update, shared by the cases
+    of the same ``K`` (one compilation each)."""
+    tx = mtl_optax.get(name, **hparams(name, k))
+    return tx, jax.jit(tx.update)
+
+
 @pytest.mark.parametrize("case", EDGE)
 @pytest.mark.parametrize("name", mtl_optax.available())
 def test_edge_case_update_is_finite_and_typed(name, case):
     jac = EDGE[case]
     k = jac.shape[0]
-    tx = mtl_optax.get(name, **hparams(name, k))
+    if k < min_tasks(name):  # krum: a clear error, as in TorchJD
+        with pytest.raises(ValueError, match=f"at least .*found K={k}"):
+            mtl_optax.get(name, **hparams(name, k))
+        return
+    tx, update_fn = _jitted(name, k)
     grads, params = _from_matrix(jac), _params()
     value = jnp.linspace(0.5, 2.0, k)
     state = tx.init(params)
     for _ in range(2):  # two steps: stateful methods use their state the second time
-        update, state = jax.jit(tx.update)(grads, state, params, value=value)
+        update, state = update_fn(grads, state, params, value=value)
         chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
         assert _finite(update), (name, case, update)
 
@@ -108,7 +122,7 @@ def test_bfloat16_leaves(name):
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
     assert _finite(update)
-    ref, _ = tx.update(_from_matrix(jac), tx.init(_params()), _params(), value=jnp.ones(5))
+    ref, _ = jax.jit(tx.update)(_from_matrix(jac), tx.init(_params()), _params(), value=jnp.ones(5))
     # Same direction as the float32 update, to bfloat16 accuracy.
     if np.linalg.norm(_flat(ref)) > 0:
         cos = _cosine(update, ref)

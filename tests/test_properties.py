@@ -66,7 +66,7 @@ from hypothesis import strategies as st
 
 import mtl_optax
 
-from .methods import hparams
+from .methods import hparams, min_tasks
 
 settings.register_profile(
     "mtl_optax_ci",
@@ -234,6 +234,10 @@ def cases(draw):
 def test_update_is_finite_typed_reproducible_and_jit_invariant(name, case):
     template_name, matrix, value = case
     template = TEMPLATES[template_name]
+    if template.k < min_tasks(name):  # krum: a clear error at construction
+        with pytest.raises(ValueError, match="at least"):
+            mtl_optax.get(name, **hparams(name, template.k))
+        return
     with x64_mode(template.x64):
         _, update, params, state, twin = _setup(name, template_name)
         grads = _split(matrix, params)
