@@ -22,6 +22,7 @@ from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
     check_num_tasks,
+    check_update_inputs,
     from_weighting,
     initial_weights,
 )
@@ -205,11 +206,7 @@ def krum(
         # instead of combining all K (one pass over J fewer than the generic
         # weighted combination).
         del extra_args
-        num = engine.check_task_grads(updates, params, num_tasks=k, method="krum")
-        if value is not None:
-            engine.check_value(value, num, method="krum")
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+        _, _, dtype = check_update_inputs(updates, params, value, num_tasks=k, method="krum")
         gram = engine.gramian(updates).astype(dtype)
         selected, finite, w = _krum_selection(gram, n_byzantine, n_selected)
 
@@ -371,9 +368,9 @@ def trimmed_mean(
         **extra_args: Any,
     ) -> tuple[Any, TrimmedMeanState]:
         del extra_args
-        k = engine.check_task_grads(updates, params, num_tasks=k_fixed, method="trimmed_mean")
-        if value is not None:
-            engine.check_value(value, k, method="trimmed_mean")
+        k, _, _ = check_update_inputs(
+            updates, params, value, num_tasks=k_fixed, method="trimmed_mean"
+        )
         check(k)
 
         def one(leaf: jax.Array) -> jax.Array:

@@ -200,6 +200,49 @@ def initial_weights(num_tasks: int | None, fill: float | None = None) -> jax.Arr
     return jnp.full((num_tasks,), jnp.nan if fill is None else fill, jnp.float32)
 
 
+def check_update_inputs(
+    updates: Any,
+    params: Any,
+    value: Any,
+    *,
+    num_tasks: int | None,
+    method: str,
+    needs_value: bool = False,
+) -> tuple[int, Any, Any]:
+    """The trace-time checks every update function starts with.
+
+    Args:
+      updates: the stacked task gradients.
+      params: the parameters, or ``None``.
+      value: the per-task losses, or ``None``.
+      num_tasks: the number of tasks fixed at construction, or ``None``.
+      method: the method's name, for the error messages.
+      needs_value: whether ``value`` must be given.
+
+    Returns:
+      ``(k, value, dtype)``: the number of tasks, the checked losses (or
+      ``None``) and the accumulation dtype of the task gradients' leaves (the
+      dtype of the Gramian and of the weights).
+
+    Raises:
+      ValueError: when the leaves do not share a leading task axis matching
+        ``params`` and ``num_tasks``, when ``value`` does not have shape
+        ``(k,)``, or when ``needs_value`` and ``value`` is ``None``.
+    """
+    k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method=method)
+    if value is not None:
+        value = engine.check_value(value, k, method=method)
+    elif needs_value:
+        raise ValueError(
+            f"{method} needs the per-task losses: call"
+            f" update(task_grads, state, params, value=losses) with losses of"
+            f" shape ({k},), e.g. the first output of mtl_optax.task_grads."
+        )
+    leaves = jax.tree_util.tree_leaves(updates)
+    dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+    return k, value, dtype
+
+
 def from_weighting(weighting: Weighting) -> WeightedTransformation:
     r"""Builds the optax transformation that aggregates with ``weighting``.
 
@@ -225,19 +268,14 @@ def from_weighting(weighting: Weighting) -> WeightedTransformation:
         return weighting.init()
 
     def weights_and_state(updates, state, params, value):
-        k = engine.check_task_grads(
-            updates, params, num_tasks=weighting.num_tasks, method=weighting.name
+        k, value, dtype = check_update_inputs(
+            updates,
+            params,
+            value,
+            num_tasks=weighting.num_tasks,
+            method=weighting.name,
+            needs_value=weighting.needs_value,
         )
-        if value is not None:
-            value = engine.check_value(value, k, method=weighting.name)
-        elif weighting.needs_value:
-            raise ValueError(
-                f"{weighting.name} needs the per-task losses: call"
-                f" update(task_grads, state, params, value=losses) with losses of"
-                f" shape ({k},), e.g. the first output of mtl_optax.task_grads."
-            )
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
         gram = engine.gramian(updates) if weighting.needs_gramian else None
         return weighting.weights(gram, state, value, num_tasks=k, dtype=dtype)
 
