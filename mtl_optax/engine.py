@@ -79,6 +79,11 @@ _CPU_ROWS_MAX_COLUMNS = 1 << 22
 # 2 rows of an even number of columns, from _CPU_SPLIT_MIN_COLUMNS up to the
 # blocked paths: one dot of the 4 half rows (see _cpu_split_cross).
 _CPU_SPLIT_MIN_COLUMNS = 1 << 14
+# On a GPU, leaves of up to _GPU_ROWS_MAX_TASKS tasks and at least
+# _GPU_ROWS_MIN_COLUMNS columns are reduced as one multi-output reduction of
+# the products of their rows (see _gpu_row_cross).
+_GPU_ROWS_MAX_TASKS = 4
+_GPU_ROWS_MIN_COLUMNS = 1 << 21
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -310,7 +315,11 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     * and a Gramian of 1 task, at any length: XLA's dot of the row with
       itself, a vector dot on the leaf.
 
-    Other backends take the plain contraction.
+    On a GPU, a leaf of up to 4 tasks and at least 2M columns is reduced
+    as one multi-output reduction of the products of its rows
+    (:func:`_gpu_row_cross`; 2 x 1e7 float32 on an H100: 0.06–0.11 against
+    0.20–0.31 ms for the dot). Other leaves and backends take the plain
+    contraction.
 
     Sharded leaves (traced over a multi-device mesh, see
     :func:`_partitioned_by_xla`) always take the plain contraction over the
@@ -355,6 +364,8 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
         return _cpu_row_gramian(x, dtype)
     if cpu and k == 2 and n % 2 == 0 and _CPU_SPLIT_MIN_COLUMNS <= n < min_columns:
         return _cpu_split_cross(x, y, dtype)
+    if jax.default_backend() == "gpu" and k <= _GPU_ROWS_MAX_TASKS and n >= _GPU_ROWS_MIN_COLUMNS:
+        return _gpu_row_cross(x, y, dtype, symmetric=symmetric)
     if not cpu or n < min_columns:
         return lax.dot_general(x, y, dims, preferred_element_type=dtype)
     vdot = symmetric and k <= _CPU_VDOT_MAX_TASKS
@@ -405,6 +416,38 @@ def leaf_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:
     elif done < n:
         acc = acc + lax.dot_general(x[:, done:], y[:, done:], dims, preferred_element_type=dtype)
     return acc
+
+
+def _gpu_row_cross(x: jax.Array, y: jax.Array, dtype: Any, *, symmetric: bool) -> jax.Array:
+    """``x @ y.T`` for a few long rows on a GPU, as one multi-output reduction.
+
+    XLA's GPU dot of a ``(K, n) @ (n, K)`` product with few rows is far from
+    the memory bound (an H100 reads 2 x 1e7 float32 in about 0.03 ms; the dot
+    took 0.20–0.31 ms, torch's ``J @ J.T`` 0.76–0.80 ms), while a reduction
+    of the products of every pair of rows, all pairs in one fused kernel,
+    reads the leaf once: 0.06–0.11 ms at 2 x 1e7, 0.07–0.16 against
+    0.22–0.34 ms at 4 x 1e7 (H100, float32, pipelined and synchronised
+    medians, errors 4e-8 and 9e-8 of ``|g_i| |g_j|`` like the dot's). At
+    10 tasks (55 pairs) it is no faster than the dot, and at 4 x 1e6 slower,
+    hence :data:`_GPU_ROWS_MAX_TASKS` and :data:`_GPU_ROWS_MIN_COLUMNS`.
+    With ``symmetric`` (``y`` is ``x``) only the pairs ``i <= j`` are reduced.
+    """
+    k = x.shape[0]
+    pairs = [(i, j) for i in range(k) for j in range(i if symmetric else 0, k)]
+    xf = x.astype(dtype)
+    yf = xf if symmetric else y.astype(dtype)
+    sums = lax.reduce(
+        [xf[i] * yf[j] for i, j in pairs],
+        [jnp.zeros((), dtype)] * len(pairs),
+        lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+        (0,),
+    )
+    index = np.zeros((k, k), np.int32)
+    for t, (i, j) in enumerate(pairs):
+        index[i, j] = t
+        if symmetric:
+            index[j, i] = t
+    return jnp.stack(sums)[index]
 
 
 def _cpu_split_cross(x: jax.Array, y: jax.Array, dtype: Any) -> jax.Array:

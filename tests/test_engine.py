@@ -139,6 +139,69 @@ def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, m
     assert np.array_equal(np.asarray(got), np.asarray(got).T)
 
 
+@pytest.mark.parametrize(
+    ("k", "dtype"),
+    [
+        (1, np.float32),
+        (2, np.float32),
+        (4, np.float32),
+        (5, np.float32),
+        (3, np.float64),
+        (3, jnp.bfloat16),
+    ],
+)
+@pytest.mark.parametrize(
+    "columns", [engine._GPU_ROWS_MIN_COLUMNS - 1, engine._GPU_ROWS_MIN_COLUMNS + 3]
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["gramian", "cross"])
+def test_few_long_rows_on_a_gpu_take_one_multi_output_reduction(
+    symmetric, columns, k, dtype, x64, monkeypatch
+):
+    """``_gpu_row_cross``: on a GPU, up to 4 rows of at least 2M columns.
+
+    The path is chosen at trace time from ``jax.default_backend()``, which is
+    patched here to ``"gpu"`` so that the choice is checked on any machine
+    (the arithmetic is plain JAX and runs on the CPU). Shorter leaves and more
+    tasks keep XLA's dot; a cross product of two different leaves checks that
+    no pair is taken from the wrong place.
+    """
+    on_gpu = jax.default_backend() == "gpu"
+    calls = []
+    fn = engine._gpu_row_cross
+    monkeypatch.setattr(engine, "_gpu_row_cross", lambda *a, **kw: calls.append(1) or fn(*a, **kw))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(columns + k)
+    # Correlated rows of unequal norms: every entry of the Gramian is of the
+    # order of its scale, so a pair taken from the wrong place shows.
+    mix0 = np.tril(rng.uniform(0.5, 1.5, (k, k))) * np.arange(1, k + 1)[:, None]
+    x = jnp.asarray(mix0 @ rng.standard_normal((k, columns)), dtype)
+    acc = engine.accumulation_dtype(x.dtype)
+    if symmetric:
+        y = x
+        got = mtl_optax.gramian({"x": x})
+    else:
+        mix = rng.standard_normal((k, k)) + 2 * np.eye(k)
+        y = jnp.asarray(mix @ np.asarray(x, np.float64) + 0.1, dtype)
+        got = jax.jit(engine.leaf_cross, static_argnums=2)(x, y, acc)
+    taken = k <= engine._GPU_ROWS_MAX_TASKS and columns >= engine._GPU_ROWS_MIN_COLUMNS
+    assert len(calls) == int(taken)
+    assert got.dtype == acc and got.shape == (k, k)
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ref = xs @ ys.T
+    scale = np.outer(np.linalg.norm(xs, axis=1), np.linalg.norm(ys, axis=1))
+    # In float32 a GPU reduces in a tree (errors about 1e-7 of the scale on an
+    # H100; XLA's dot of bfloat16 rows accumulated in float32 on the path
+    # below the threshold 1.3e-5); XLA's CPU reduction accumulates
+    # sequentially (about 1e-3 here), which only the float64 case checks
+    # tightly when this runs on a CPU.
+    tol = 1e-12 if dtype == np.float64 else (2e-6 if dtype == np.float32 else 5e-5)
+    if not on_gpu and dtype != np.float64:
+        tol = 1e-2
+    assert np.max(np.abs(np.asarray(got, np.float64) - ref) / scale) < tol
+    if symmetric:
+        assert np.array_equal(np.asarray(got), np.asarray(got).T)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
 @pytest.mark.parametrize(
     "columns",
