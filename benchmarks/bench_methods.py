@@ -178,6 +178,12 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 "conflict_free": A.ConFIG,
                 "config": A.ConFIG,
                 "sdmgrad": lambda: A.GramianWeightedAggregator(A.SDMGradWeighting()),
+                # MoDo's weighting takes any K x K matrix: here the Gramian, as
+                # mtl_optax's default without cross_gramian.
+                "modo": lambda: A.GramianWeightedAggregator(A.MoDoWeighting()),
+                "cr_mogm": lambda: A.GramianWeightedAggregator(
+                    A.CRMOGMWeighting(A.MGDAWeighting())
+                ),
                 # TorchJD's epsilons (norm_eps = reg_eps = 1e-4) regularise the same
                 # K quadratic programs that mtl_optax solves exactly by default.
                 "upgrad": A.UPGrad,

@@ -54,11 +54,13 @@ from mtl_optax._config import (
     conflict_free,
     m_conflict_free,
 )
+from mtl_optax._cr_mogm import CRMOGMState, cr_mogm
 from mtl_optax._fairgrad import FairGradState, NashMTLState, fairgrad, nash_mtl
 from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
 from mtl_optax._mgda import MGDAState, mgda
 from mtl_optax._mgda_ub import mgda_ub
+from mtl_optax._modo import MoDoState, modo
 from mtl_optax._nonfinite import ApplyIfFiniteState, apply_if_finite
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
@@ -99,6 +101,7 @@ __all__ = [
     "AlignedMTLState",
     "ApplyIfFiniteState",
     "CAGradState",
+    "CRMOGMState",
     "ComposedTransformation",
     "ConflictFreeState",
     "ConstantState",
@@ -114,6 +117,7 @@ __all__ = [
     "MConflictFreeState",
     "MGDAState",
     "MeanState",
+    "MoDoState",
     "NSGDState",
     "NashMTLState",
     "PCGradState",
@@ -139,6 +143,7 @@ __all__ = [
     "config",
     "conflict_free",
     "constant",
+    "cr_mogm",
     "cross_gramian",
     "dualproj",
     "engine",
@@ -157,6 +162,7 @@ __all__ = [
     "mean",
     "mgda",
     "mgda_ub",
+    "modo",
     "nash_mtl",
     "nsgd",
     "pcgrad",

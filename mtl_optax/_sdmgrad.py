@@ -116,6 +116,25 @@ def cross_gramian(task_grads_a: Any, task_grads_b: Any) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def checked_matrix(matrix: Any, k: int, *, method: str) -> jax.Array:
+    """The ``cross_gramian`` argument of an update, checked: a ``[K, K]`` floating array.
+
+    Raises:
+      ValueError: naming ``method``, the shape or dtype found and the one expected.
+    """
+    matrix = jnp.asarray(matrix)
+    if matrix.shape != (k, k):
+        raise ValueError(
+            f"{method}: cross_gramian must have shape ({k}, {k}) (K={k} tasks);"
+            f" found shape {matrix.shape}."
+        )
+    if not jnp.issubdtype(matrix.dtype, jnp.floating):
+        raise ValueError(
+            f"{method}: cross_gramian must be floating point; found dtype {matrix.dtype}."
+        )
+    return matrix
+
+
 def _safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(x)`` for ``x >= 0`` with a finite derivative at 0 (double where)."""
     positive = x > 0
@@ -436,16 +455,7 @@ def sdmgrad(
         if matrix is None:
             matrix = engine.gramian(updates)
         else:
-            matrix = jnp.asarray(matrix)
-            if matrix.shape != (k, k):
-                raise ValueError(
-                    f"sdmgrad: cross_gramian must have shape ({k}, {k}) (K={k} tasks);"
-                    f" found shape {matrix.shape}."
-                )
-            if not jnp.issubdtype(matrix.dtype, jnp.floating):
-                raise ValueError(
-                    f"sdmgrad: cross_gramian must be floating point; found dtype {matrix.dtype}."
-                )
+            matrix = checked_matrix(matrix, k, method="sdmgrad")
             dtype = jnp.promote_types(dtype, engine.accumulation_dtype(matrix.dtype))
         return rule(matrix, state, None, num_tasks=k, dtype=dtype)
 

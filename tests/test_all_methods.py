@@ -170,11 +170,20 @@ def test_init_survives_a_step_that_donates_the_state(name):
     )
 
 
+# Methods whose weights depend on the gradients' scale by design: only the
+# finiteness of their update is checked at large norms.
+NOT_HOMOGENEOUS = {
+    # lambda - gamma * A lambda: gamma has the units of 1 / |g|^2, as in the
+    # paper and TorchJD (tests/test_modo.py checks the c^2 law).
+    "modo",
+}
+
+
 @pytest.mark.parametrize("name", mtl_optax.available())
 def test_update_direction_is_unchanged_by_task_gradients_of_norm_up_to_1_5e19(name):
     """Scaling every task gradient by c > 0 scales each method's update and keeps its direction.
 
-    Every method is positively homogeneous in the task gradients up to its
+    Every method but those of ``NOT_HOMOGENEOUS`` is positively homogeneous in the task gradients up to its
     small epsilons, so the direction of its update must not change for norms up
     to 1.5e19, where each squared norm (2.25e38) still fits float32 (3.4e38)
     though sums of them do not. Jitted with the scale as data, as in training:
@@ -199,7 +208,8 @@ def test_update_direction_is_unchanged_by_task_gradients_of_norm_up_to_1_5e19(na
         for scale in (1e18, 5e18, 1e19, 1.5e19):
             big = step(_from_matrix(jac * scale))
             assert _finite(big), (name, k, scale)
-            assert _cosine(big, unit) > 1 - 1e-4, (name, k, scale, _cosine(big, unit))
+            if name not in NOT_HOMOGENEOUS:
+                assert _cosine(big, unit) > 1 - 1e-4, (name, k, scale, _cosine(big, unit))
 
 
 @pytest.mark.parametrize("name", mtl_optax.available())
