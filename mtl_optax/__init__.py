@@ -58,6 +58,7 @@ from mtl_optax._cr_mogm import CRMOGMState, cr_mogm
 from mtl_optax._fairgrad import FairGradState, NashMTLState, fairgrad, nash_mtl
 from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
+from mtl_optax._loss_weighting import DWAState, GLSState, UWState, dwa, gls, uw
 from mtl_optax._mgda import MGDAState, mgda
 from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax._modo import MoDoState, modo
@@ -105,8 +106,10 @@ __all__ = [
     "ComposedTransformation",
     "ConflictFreeState",
     "ConstantState",
+    "DWAState",
     "DualProjState",
     "FairGradState",
+    "GLSState",
     "GradDropState",
     "GradDropTransformation",
     "GradNormState",
@@ -129,6 +132,7 @@ __all__ = [
     "SumState",
     "TrimmedMeanState",
     "UPGradState",
+    "UWState",
     "WeightedTransformation",
     "Weighting",
     "WeightingFn",
@@ -146,10 +150,12 @@ __all__ = [
     "cr_mogm",
     "cross_gramian",
     "dualproj",
+    "dwa",
     "engine",
     "fairgrad",
     "from_weighting",
     "get",
+    "gls",
     "graddrop",
     "gradnorm",
     "gradvac",
@@ -175,4 +181,5 @@ __all__ = [
     "task_grads",
     "trimmed_mean",
     "upgrad",
+    "uw",
 ]

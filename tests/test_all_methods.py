@@ -155,6 +155,24 @@ def test_jit_and_eager_agree_in_a_chain_with_adam(name):
     chex.assert_trees_all_close(run(jax.jit(opt.update)), run(opt.update), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", mtl_optax.available(aliases=False))
+def test_no_two_leaves_of_an_initial_state_share_a_buffer(name):
+    """A jitted step that donates the state needs distinct buffers.
+
+    XLA refuses to donate one buffer twice ("Attempt to donate the same buffer
+    twice"): ``dwa``'s first ``init`` used one zeros array for three fields.
+    """
+    k = max(3, min_tasks(name))
+    tx = mtl_optax.get(name, **hparams(name, k))
+    leaves = [
+        x
+        for x in jax.tree_util.tree_leaves(tx.init(_params()))
+        if isinstance(x, jax.Array) and x.size and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
+    pointers = [x.unsafe_buffer_pointer() for x in leaves]
+    assert len(set(pointers)) == len(pointers), (name, [x.shape for x in leaves])
+
+
 @pytest.mark.parametrize("name", ["rlw", "pcgrad", "gradvac", "graddrop"])
 def test_init_survives_a_step_that_donates_the_state(name):
     """Random methods copy their key in ``init``: donating a state must not delete it."""

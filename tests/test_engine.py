@@ -139,6 +139,9 @@ def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, m
     assert np.array_equal(np.asarray(got), np.asarray(got).T)
 
 
+_GPU_TEST_MIN_COLUMNS = 1 << 16
+
+
 @pytest.mark.parametrize(
     ("k", "dtype"),
     [
@@ -150,14 +153,12 @@ def test_gramian_of_one_or_two_long_rows_matches_numpy(k, columns, dtype, x64, m
         (3, jnp.bfloat16),
     ],
 )
-@pytest.mark.parametrize(
-    "columns", [engine._GPU_ROWS_MIN_COLUMNS - 1, engine._GPU_ROWS_MIN_COLUMNS + 3]
-)
+@pytest.mark.parametrize("columns", [_GPU_TEST_MIN_COLUMNS - 1, _GPU_TEST_MIN_COLUMNS + 3])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["gramian", "cross"])
 def test_few_long_rows_on_a_gpu_take_one_multi_output_reduction(
     symmetric, columns, k, dtype, x64, monkeypatch
 ):
-    """``_gpu_row_cross``: on a GPU, up to 4 rows of at least 2M columns.
+    """``_gpu_row_cross``: on a GPU, up to 4 rows of at least ``_GPU_ROWS_MIN_COLUMNS``.
 
     The path is chosen at trace time from ``jax.default_backend()``, which is
     patched here to ``"gpu"`` so that the choice is checked on any machine
@@ -170,6 +171,8 @@ def test_few_long_rows_on_a_gpu_take_one_multi_output_reduction(
     fn = engine._gpu_row_cross
     monkeypatch.setattr(engine, "_gpu_row_cross", lambda *a, **kw: calls.append(1) or fn(*a, **kw))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # A threshold of 64k columns instead of 2M keeps the arrays small.
+    monkeypatch.setattr(engine, "_GPU_ROWS_MIN_COLUMNS", _GPU_TEST_MIN_COLUMNS)
     rng = np.random.default_rng(columns + k)
     # Correlated rows of unequal norms: every entry of the Gramian is of the
     # order of its scale, so a pair taken from the wrong place shows.
@@ -183,7 +186,7 @@ def test_few_long_rows_on_a_gpu_take_one_multi_output_reduction(
         mix = rng.standard_normal((k, k)) + 2 * np.eye(k)
         y = jnp.asarray(mix @ np.asarray(x, np.float64) + 0.1, dtype)
         got = jax.jit(engine.leaf_cross, static_argnums=2)(x, y, acc)
-    taken = k <= engine._GPU_ROWS_MAX_TASKS and columns >= engine._GPU_ROWS_MIN_COLUMNS
+    taken = k <= engine._GPU_ROWS_MAX_TASKS and columns >= _GPU_TEST_MIN_COLUMNS
     assert len(calls) == int(taken)
     assert got.dtype == acc and got.shape == (k, k)
     xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)

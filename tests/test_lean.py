@@ -63,6 +63,11 @@ def _batches(dtype=jnp.float64, k=K, in_dim=4):
     return out
 
 
+# Methods defined for positive losses only: a zero loss (the third batch's
+# task 1) gives them a documented NaN update.
+POSITIVE_LOSSES = {"gls"}
+
+
 def _weighting_methods():
     cases = []
     for name in mtl_optax.available(aliases=False):
@@ -145,7 +150,12 @@ def test_lean_grad_equals_stacked_update_and_state(x64, name, kwargs):
         else:
             _assert_trees_close(u_lean, u_stacked, f"{name} update at step {step}")
             _assert_trees_close(lean_state, stacked_state, f"{name} state at step {step}")
-        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(u_lean))
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(u_lean))
+        if name in POSITIVE_LOSSES and not bool(jnp.all(l_stacked > 0)):
+            # The zero-task step: documented NaN on both paths (compared above).
+            assert not finite, name
+        else:
+            assert finite, name
 
 
 def test_lean_gramian_equals_gramian_of_stacked_gradients(x64):

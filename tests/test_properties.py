@@ -45,7 +45,7 @@ returned in the leaf's dtype, so the template mixing float16 and bfloat16
 leaves draws scales from 1e-30 to 1e2 (small values flush to zero: those rows
 become zero rows, which is one of the drawn cases).
 
-Hypothesis profile: ``mtl_optax_ci`` (200 examples per method,
+Hypothesis profile: ``mtl_optax_ci`` (100 examples per method,
 derandomized) when ``CI=true``, ``mtl_optax_dev`` (25) otherwise.
 """
 
@@ -70,7 +70,7 @@ from .methods import hparams, min_tasks
 
 settings.register_profile(
     "mtl_optax_ci",
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
