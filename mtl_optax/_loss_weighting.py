@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax._normalization import _default_gradnorm_optimizer
+from mtl_optax._normalization import checked_optimizer
 from mtl_optax.base import (
     WeightedTransformation,
     Weighting,
@@ -322,15 +322,7 @@ def uw(
       accumulates until that optimizer zeroes it); here the step is taken
       inside the update, with its own optimizer.
     """
-    if optimizer is None:
-        optimizer = _default_gradnorm_optimizer()
-    elif not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise ValueError(
-            "uw: optimizer must be an optax.GradientTransformation (e.g."
-            f" optax.adam(1e-4)); found {type(optimizer).__name__}."
-        )
+    optimizer = checked_optimizer("uw", optimizer)
     initial_log_var = float(initial_log_var)
     if not np.isfinite(initial_log_var):
         raise ValueError(f"uw: initial_log_var must be finite; found {initial_log_var!r}.")

@@ -11,20 +11,17 @@ The rule lives in the ``K x K`` world; the matrix arrives as the extra argument
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtl_optax import engine, solvers
-from mtl_optax._sdmgrad import checked_matrix
+from mtl_optax._sdmgrad import matrix_transformation
 from mtl_optax.base import (
-    PerTaskTransformation,
     WeightedTransformation,
-    Weighting,
     check_num_tasks,
-    check_update_inputs,
     initial_weights,
     is_traced,
 )
@@ -195,48 +192,4 @@ def modo(
         )
         return lam.astype(dtype), new_state
 
-    def weights_and_state(updates, state, params, value, matrix):
-        _, _, dtype = check_update_inputs(updates, params, value, num_tasks=k, method="modo")
-        if matrix is None:
-            matrix = engine.gramian(updates)
-        else:
-            matrix = checked_matrix(matrix, k, method="modo")
-            dtype = jnp.promote_types(dtype, engine.accumulation_dtype(matrix.dtype))
-        return rule(matrix, state, None, num_tasks=k, dtype=dtype)
-
-    def init_fn(params: Any) -> MoDoState:
-        del params
-        return init()
-
-    @engine.full_precision
-    def update_fn(
-        updates: Any,
-        state: MoDoState,
-        params: Any = None,
-        *,
-        value: jax.Array | None = None,
-        cross_gramian: jax.Array | None = None,
-        **extra_args: Any,
-    ) -> tuple[Any, MoDoState]:
-        del extra_args
-        weights, new_state = weights_and_state(updates, state, params, value, cross_gramian)
-        return engine.combine(updates, weights), new_state
-
-    @engine.full_precision
-    def per_task_update_fn(
-        updates: Any,
-        state: MoDoState,
-        params: Any = None,
-        *,
-        value: jax.Array | None = None,
-        cross_gramian: jax.Array | None = None,
-        **extra_args: Any,
-    ) -> tuple[Any, MoDoState]:
-        del extra_args
-        weights, new_state = weights_and_state(updates, state, params, value, cross_gramian)
-        return engine.scale_rows(updates, weights), new_state
-
-    tx = WeightedTransformation(init_fn, update_fn)
-    tx.weighting = Weighting(name="modo", init=init, weights=rule, num_tasks=k)
-    tx.per_task = PerTaskTransformation("modo", init_fn, per_task_update_fn)
-    return tx
+    return matrix_transformation("modo", init, rule, k)

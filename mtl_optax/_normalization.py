@@ -180,6 +180,25 @@ class GradNormState(NamedTuple):
     weights: jax.Array  # [K] weights used in the last step (from theta before its step).
 
 
+def checked_optimizer(method: str, optimizer: Any) -> optax.GradientTransformation:
+    """A method's inner optimizer: LibMTL's default when ``None``, else checked.
+
+    Raises:
+      ValueError: naming ``method``, when ``optimizer`` has no ``init`` and
+        ``update``.
+    """
+    if optimizer is None:
+        return _default_gradnorm_optimizer()
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise ValueError(
+            f"{method}: optimizer must be an optax.GradientTransformation (e.g."
+            f" optax.adam(1e-4)); found {type(optimizer).__name__}."
+        )
+    return optimizer
+
+
 def _default_gradnorm_optimizer() -> optax.GradientTransformation:
     """LibMTL's default optimizer: ``torch.optim.Adam(lr=1e-4, weight_decay=1e-5)``."""
     return optax.chain(optax.add_decayed_weights(1e-5), optax.adam(1e-4))
@@ -312,15 +331,7 @@ def gradnorm(
         raise ValueError(f"gradnorm: alpha must be finite and >= 0; found {alpha!r}.")
     if variant not in ("loss", "gradient"):
         raise ValueError(f"gradnorm: variant must be 'loss' or 'gradient'; found {variant!r}.")
-    if optimizer is None:
-        optimizer = _default_gradnorm_optimizer()
-    elif not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise ValueError(
-            "gradnorm: optimizer must be an optax.GradientTransformation (e.g."
-            f" optax.adam(1e-4)); found {type(optimizer).__name__}."
-        )
+    optimizer = checked_optimizer("gradnorm", optimizer)
     alpha = float(alpha)
 
     def init() -> GradNormState:

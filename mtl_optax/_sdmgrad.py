@@ -17,6 +17,7 @@ is the optax transformation that takes the cross matrix as the extra argument
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +33,7 @@ from mtl_optax.base import (
     Weighting,
     check_num_tasks,
     check_pref_vector,
+    check_update_inputs,
     initial_weights,
     is_traced,
 )
@@ -446,33 +448,44 @@ def sdmgrad(
         )
         return weights, new_state
 
+    return matrix_transformation("sdmgrad", init, rule, k)
+
+
+def matrix_transformation(
+    name: str, init: Callable[[], Any], rule: Any, k: int
+) -> WeightedTransformation:
+    """A weighted transformation whose rule reads a ``K x K`` matrix.
+
+    The matrix is the extra argument ``cross_gramian`` of ``update`` (checked
+    by :func:`checked_matrix`), or the Gramian of the task gradients when it
+    is not given; ``rule(matrix, state, value, *, num_tasks, dtype)`` gives
+    the weights and the new state, as a :class:`~mtl_optax.Weighting`'s
+    rule. Shared by :func:`sdmgrad` and :func:`mtl_optax.modo`.
+    """
+
     def weights_and_state(updates, state, params, value, matrix):
-        n = engine.check_task_grads(updates, params, num_tasks=k, method="sdmgrad")
-        if value is not None:
-            engine.check_value(value, n, method="sdmgrad")
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+        _, _, dtype = check_update_inputs(updates, params, value, num_tasks=k, method=name)
         if matrix is None:
             matrix = engine.gramian(updates)
         else:
-            matrix = checked_matrix(matrix, k, method="sdmgrad")
+            matrix = checked_matrix(matrix, k, method=name)
             dtype = jnp.promote_types(dtype, engine.accumulation_dtype(matrix.dtype))
         return rule(matrix, state, None, num_tasks=k, dtype=dtype)
 
-    def init_fn(params: Any) -> SDMGradState:
+    def init_fn(params: Any) -> Any:
         del params
         return init()
 
     @engine.full_precision
     def update_fn(
         updates: Any,
-        state: SDMGradState,
+        state: Any,
         params: Any = None,
         *,
         value: jax.Array | None = None,
         cross_gramian: jax.Array | None = None,
         **extra_args: Any,
-    ) -> tuple[Any, SDMGradState]:
+    ) -> tuple[Any, Any]:
         del extra_args
         weights, new_state = weights_and_state(updates, state, params, value, cross_gramian)
         return engine.combine(updates, weights), new_state
@@ -480,20 +493,18 @@ def sdmgrad(
     @engine.full_precision
     def per_task_update_fn(
         updates: Any,
-        state: SDMGradState,
+        state: Any,
         params: Any = None,
         *,
         value: jax.Array | None = None,
         cross_gramian: jax.Array | None = None,
         **extra_args: Any,
-    ) -> tuple[Any, SDMGradState]:
+    ) -> tuple[Any, Any]:
         del extra_args
         weights, new_state = weights_and_state(updates, state, params, value, cross_gramian)
         return engine.scale_rows(updates, weights), new_state
 
     tx = WeightedTransformation(init_fn, update_fn)
-    tx.weighting = Weighting(
-        name="sdmgrad", init=init, weights=rule, num_tasks=k, needs_gramian=True
-    )
-    tx.per_task = PerTaskTransformation("sdmgrad", init_fn, per_task_update_fn)
+    tx.weighting = Weighting(name=name, init=init, weights=rule, num_tasks=k)
+    tx.per_task = PerTaskTransformation(name, init_fn, per_task_update_fn)
     return tx

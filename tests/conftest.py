@@ -1,14 +1,23 @@
 """Shared fixtures and settings of the test processes."""
 
+import gc
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
-# No persistent compilation cache: with JAX's cache shared by the xdist
-# workers (jax 0.10.2, CPU), serialising an executable in
-# `compilation_cache.put_executable_and_time` crashed a worker with a
-# segmentation fault in three CI runs (twice with every compilation cached,
-# once with only those of 0.5 s or more), each time in a different test. The
-# cache saved about a third of tests/test_all_methods.py's compile time.
+# Many tests compile the same programs (one method on the same shapes, through
+# different transformation objects): JAX's persistent compilation cache lets
+# the later ones load the executable instead of compiling it again. Only
+# compilations of 0.5 s or more are written: writing every one made
+# tests/test_all_methods.py slower (164 against 139 s with 2 workers; 207 s
+# without the cache). The directory is made for the run by the controlling
+# process, shared with pytest-xdist's workers through the environment, and
+# removed at the end. A cache the user set (JAX_COMPILATION_CACHE_DIR) is used
+# as it is.
+_CACHE_ENV = "MTL_OPTAX_TEST_COMPILATION_CACHE"
 
 
 def pytest_configure(config):
@@ -18,6 +27,49 @@ def pytest_configure(config):
     # mtl_optax's own products are at full precision whatever this setting:
     # tests/test_precision.py checks that with the default at bfloat16.
     jax.config.update("jax_default_matmul_precision", "highest")
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    if not hasattr(config, "workerinput") and _CACHE_ENV not in os.environ:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mtl_optax-test-jax-cache-")
+        config._mtl_optax_cache_owner = True
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_mtl_optax_cache_owner", False):
+        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
+
+
+# A worker's resident memory above which JAX's in-memory caches are dropped.
+_MAX_RSS_BYTES = 3 << 30
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux), or 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_worker_memory():
+    """Drops JAX's in-memory caches of compiled programs when a worker grows past 3 GiB.
+
+    A pytest-xdist worker runs about half of the suite in one process, and JAX
+    keeps every program it compiled (and the tracing caches of every jitted
+    function) for the life of the process. Three CI runs lost a worker late
+    in the run (about 90 % through), each time while XLA compiled or
+    serialised an executable (a segmentation fault twice, an abort once, in
+    different tests): a worker's memory growing with every test is the likely
+    cause. Reading the resident size after each test costs microseconds.
+    """
+    yield
+    if _rss_bytes() > _MAX_RSS_BYTES:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
