@@ -181,6 +181,12 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 # MoDo's weighting takes any K x K matrix: here the Gramian, as
                 # mtl_optax's default without cross_gramian.
                 "modo": lambda: A.GramianWeightedAggregator(A.MoDoWeighting()),
+                # Stateful like mtl_optax's (the EMA of the squared norms),
+                # called on the same J at every repeat.
+                "pcd": A.PCD,
+                # Stateful like mtl_optax's (K x P squared-gradient sums), called
+                # on the same J at every repeat.
+                "excess_mtl": A.ExcessMTL,
                 "cr_mogm": lambda: A.GramianWeightedAggregator(
                     A.CRMOGMWeighting(A.MGDAWeighting())
                 ),

@@ -55,6 +55,7 @@ from mtl_optax._config import (
     m_conflict_free,
 )
 from mtl_optax._cr_mogm import CRMOGMState, cr_mogm
+from mtl_optax._excess_mtl import ExcessMTLState, excess_mtl
 from mtl_optax._fairgrad import FairGradState, NashMTLState, fairgrad, nash_mtl
 from mtl_optax._graddrop import GradDropState, GradDropTransformation, graddrop
 from mtl_optax._imtl import IMTLGState, imtl_g
@@ -64,6 +65,7 @@ from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax._modo import MoDoState, modo
 from mtl_optax._nonfinite import ApplyIfFiniteState, apply_if_finite
 from mtl_optax._normalization import GradNormState, NSGDState, gradnorm, nsgd
+from mtl_optax._pcd import PCDState, pcd
 from mtl_optax._projection import GradVacState, PCGradState, gradvac, pcgrad
 from mtl_optax._robust import KrumState, TrimmedMeanState, krum, trimmed_mean
 from mtl_optax._sdmgrad import SDMGradState, cross_gramian, sdmgrad
@@ -108,6 +110,7 @@ __all__ = [
     "ConstantState",
     "DWAState",
     "DualProjState",
+    "ExcessMTLState",
     "FairGradState",
     "GLSState",
     "GradDropState",
@@ -123,6 +126,7 @@ __all__ = [
     "MoDoState",
     "NSGDState",
     "NashMTLState",
+    "PCDState",
     "PCGradState",
     "PerTaskTransformation",
     "RLWState",
@@ -152,6 +156,7 @@ __all__ = [
     "dualproj",
     "dwa",
     "engine",
+    "excess_mtl",
     "fairgrad",
     "from_weighting",
     "get",
@@ -171,6 +176,7 @@ __all__ = [
     "modo",
     "nash_mtl",
     "nsgd",
+    "pcd",
     "pcgrad",
     "rep_grad",
     "representation",

@@ -264,7 +264,8 @@ def _weighting_of(method: Any) -> Weighting:
     raise TypeError(
         "lean_grad: the method has no `.weighting`, so its update is not a weighted sum"
         " of the task gradients that a Gramian determines (graddrop masks coordinates,"
-        " m_conflict_free keeps per-task momenta, compose chains per-task forms,"
+        " m_conflict_free keeps per-task momenta, excess_mtl reads every coordinate"
+        " of the task gradients, compose chains per-task forms,"
         " mgda_ub(batch_axes=...) reads another Gramian): use the stacked path,"
         " mtl_optax.task_grads then tx.update. Pass the method itself, not an"
         " optax.chain: lean_grad returns a gradient to give to the optimizer. Methods"

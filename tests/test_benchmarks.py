@@ -14,11 +14,14 @@ import pathlib
 import subprocess
 import sys
 
+from .conftest import FAST_COMPILE_XLA_FLAGS
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # the row's numbers are not checked, only written
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
         [sys.executable, *args],

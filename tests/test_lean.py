@@ -245,6 +245,7 @@ def test_lean_grad_float32_matches_stacked_within_float32_rounding():
     [
         pytest.param(lambda: mtl_optax.graddrop(), id="graddrop"),
         pytest.param(lambda: mtl_optax.m_conflict_free(num_tasks=K), id="m_conflict_free"),
+        pytest.param(lambda: mtl_optax.excess_mtl(num_tasks=K), id="excess_mtl"),
         pytest.param(lambda: mtl_optax.compose(mtl_optax.pcgrad(), mtl_optax.mean()), id="compose"),
         pytest.param(lambda: mtl_optax.mgda_ub(batch_axes=0), id="mgda_ub-batch_axes"),
         pytest.param(lambda: optax.chain(mtl_optax.mean(), optax.sgd(0.1)), id="optax.chain"),

@@ -42,6 +42,8 @@ import pytest
 
 import mtl_optax
 
+from .conftest import FAST_COMPILE_XLA_FLAGS
+
 HERE = Path(__file__).resolve().parent
 METHODS = mtl_optax.available(aliases=False)
 LAYOUTS = ("data_parallel", "fsdp", "explicit_update")
@@ -103,6 +105,7 @@ def test_sharded_training_example_runs():
     # one device (the script asserts it) and report the expected shardings.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # the example adds its 8 devices
     example = HERE.parent / "examples" / "sharded_training.py"
     proc = subprocess.run(
         [sys.executable, str(example), "--method", "mean", "--steps", "3"],

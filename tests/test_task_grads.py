@@ -30,7 +30,9 @@ def test_task_grads_equal_per_task_jax_grad():
     for k in range(3):
         g_k = jax.grad(lambda p, k=k: _losses(p, x, y)[k])(params)
         row = jax.tree.map(lambda g, k=k: g[k], grads)
-        chex.assert_trees_all_close(row, g_k, rtol=1e-6, atol=1e-7)
+        # float32: the two programs round differently (5e-6 relative on an
+        # entry of 0.03 that cancels, 1.6e-7 absolute on gradients of 0.2).
+        chex.assert_trees_all_close(row, g_k, rtol=1e-5, atol=1e-6)
     assert mtl_optax.check_task_grads(grads, params) == 3
 
 
