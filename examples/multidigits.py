@@ -89,7 +89,11 @@ BATCH_SIZE = 128
 EPOCHS = 8
 SEEDS = (0, 1, 2)
 QUICK_METHODS = ("mean", "mgda", "cagrad")
-SKIP = {"compose": "a combinator of other methods, not a method by itself"}
+SKIP = {
+    "compose": "a combinator of other methods, not a method by itself",
+    "krum": "Krum needs at least 3 tasks (n_byzantine + 3), as in TorchJD",
+    "trimmed_mean": "with 2 tasks the only trim is 0, which is the mean",
+}
 # Methods whose update is already Adam-normalised: chained with SGD (same learning rate).
 SGD_METHODS = ("m_conflict_free",)
 
