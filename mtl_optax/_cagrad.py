@@ -501,8 +501,7 @@ def cagrad(
         k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method="cagrad")
         if value is not None:
             engine.check_value(value, k, method="cagrad")
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+        dtype = engine.tree_accumulation_dtype(updates)
         terms = _cagrad_terms(engine.gramian(updates).astype(dtype), **options)
         weights = terms.mean_scale / k + terms.corr_scale * terms.dual
 

@@ -47,14 +47,6 @@ class ExcessMTLState(NamedTuple):
     count: jax.Array  # int32 []: the updates taken so far.
 
 
-def _state_dtype(params: Any) -> Any:
-    """The dtype of the ``[K]`` state vectors: the params' accumulation dtype."""
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-        return jnp.dtype(jnp.float32)
-    return jnp.result_type(*(engine.accumulation_dtype(jnp.result_type(p)) for p in leaves))
-
-
 def _excess_risks(updates: Any, sums: Any, dtype: Any) -> tuple[jax.Array, Any]:
     r"""``(e, S')``: the ``[K]`` excess risks and the new squared-gradient sums.
 
@@ -261,7 +253,7 @@ def excess_mtl(
             z = jnp.zeros_like(p, dtype=engine.accumulation_dtype(p.dtype))
             return jnp.broadcast_to(z, (k, *p.shape))
 
-        dtype = _state_dtype(params)
+        dtype = engine.tree_accumulation_dtype(params)
         return ExcessMTLState(
             weights=initial_weights(k),
             alpha=jnp.full((k,), 1.0 / k, dtype),

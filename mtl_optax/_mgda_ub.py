@@ -164,8 +164,7 @@ def mgda_ub(
                 f" value= (shape ({k},)) to update."
             )
         summed = _sum_batch_axes(updates, axes)
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+        dtype = engine.tree_accumulation_dtype(updates)
         return weighting.weights(engine.gramian(summed), state, value, num_tasks=k, dtype=dtype)
 
     def init_fn(params: Any) -> MGDAState:

@@ -161,8 +161,7 @@ def _transformation(name: str, init, rule, num_tasks: int | None) -> WeightedTra
         k = engine.check_task_grads(updates, params, num_tasks=num_tasks, method=name)
         if value is not None:
             engine.check_value(value, k, method=name)
-        leaves = jax.tree_util.tree_leaves(updates)
-        dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
+        dtype = engine.tree_accumulation_dtype(updates)
         matrix, new_state = rule(engine.gramian(updates), state, num_tasks=k, dtype=dtype)
         return _mix_rows(updates, matrix), new_state
 

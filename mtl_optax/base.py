@@ -238,9 +238,7 @@ def check_update_inputs(
             f" update(task_grads, state, params, value=losses) with losses of"
             f" shape ({k},), e.g. the first output of mtl_optax.task_grads."
         )
-    leaves = jax.tree_util.tree_leaves(updates)
-    dtype = jnp.result_type(*(engine.accumulation_dtype(x.dtype) for x in leaves))
-    return k, value, dtype
+    return k, value, engine.tree_accumulation_dtype(updates)
 
 
 def from_weighting(weighting: Weighting) -> WeightedTransformation:

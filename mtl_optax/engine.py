@@ -132,6 +132,17 @@ def accumulation_dtype(dtype: Any) -> np.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def tree_accumulation_dtype(tree: Any) -> np.dtype:
+    """The promotion of the accumulation dtypes of ``tree``'s leaves (float32 if it has none).
+
+    The dtype of a method's Gramian, weights and state vectors for task
+    gradients (or parameters) ``tree``: float64 as soon as one leaf is
+    float64, float32 for float32, bfloat16 and float16 leaves.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.result_type(jnp.float32, *(accumulation_dtype(jnp.result_type(x)) for x in leaves))
+
+
 def check_task_grads(
     task_grads: Any,
     params: Any = None,

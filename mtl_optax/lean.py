@@ -66,7 +66,7 @@ def _accumulation_dtype(params: Any, caller: str) -> Any:
                 " differentiates with respect to every leaf, which must be real floating"
                 " point. Close over non-trainable arrays in loss_fn instead."
             )
-    return jnp.result_type(*(engine.accumulation_dtype(jnp.result_type(x)) for _, x in leaves))
+    return engine.tree_accumulation_dtype([x for _, x in leaves])
 
 
 def _check_chunk_size(chunk_size: int, caller: str) -> int:
