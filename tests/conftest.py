@@ -5,17 +5,23 @@ import os
 import shutil
 import tempfile
 
-# LLVM's optimisations off in the test processes (and in the subprocesses they
-# start, which inherit the environment), as tests/sharding_check.py does: most
-# of the suite's time is XLA compiling small programs, and this cuts it by
-# about a third (tests/test_all_methods.py on mgda, upgrad and cagrad: 61 to
-# 41 s). Only the machine code's optimisation changes, not XLA's HLO passes
-# or float semantics (no fast math either way). Set by the user, the flag is
-# left as it is (subprocesses that set flags of their own add these:
-# FAST_COMPILE_XLA_FLAGS). It must be in the environment before JAX creates its CPU
-# backend, which importing jax does not do.
+# LLVM's optimisations and XLA's MLIR fusion emitters off in the test processes
+# (and in the subprocesses they start, which inherit the environment), as
+# tests/sharding_check.py does: most of the suite's time is XLA compiling small
+# programs. Compiling 20 programs (10 methods at K = 3 and 5, chained with
+# Adam) took 18.6 s with XLA's defaults, 10.3 s with LLVM's optimisations off
+# and 5.9-6.6 s with the fusions also emitted by XLA's older elemental
+# emitter; the suite went from 17-18 to about 10 minutes on 2 cores. Only how
+# the machine code is generated changes, not XLA's HLO passes or float
+# semantics (no fast math either way), though rounding can differ in the last
+# bits (see the CAGrad tolerance of tests/test_all_methods.py's vmap test).
+# Benchmarks and users get XLA's defaults. Set by the user, the flags are
+# left as they are (subprocesses that set flags of their own add these:
+# FAST_COMPILE_XLA_FLAGS). They must be in the environment before JAX creates
+# its CPU backend, which importing jax does not do.
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false"
 )
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (

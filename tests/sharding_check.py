@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import os
 
-# Eight simulated CPU devices; LLVM's optimisations off, which cuts the
-# compilation time (most of this script's) by about a third.
+# Eight simulated CPU devices; LLVM's optimisations and XLA's MLIR fusion
+# emitters off, which cuts the compilation time (most of this script's) by
+# more than half (see tests/conftest.py).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    + " --xla_cpu_use_fusion_emitters=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -252,13 +252,32 @@ def test_vmap_over_a_batch_of_problems_equals_each_problem_alone(name):
     alone = [state] * batch
     batched = jax.jit(jax.vmap(step))
     single = lambda g, s, v: update_fn(g, s, params, value=v)
+    tol = _VMAP_SOLVER_TOLERANCE.get(name, {"rtol": 1e-5, "atol": 1e-6})
     for _ in range(2):
         updates, states = batched(grads, states, values)
         for i in range(batch):
             pick = lambda t, i=i: jax.tree.map(lambda x: x[i], t)
             update, alone[i] = single(pick(grads), alone[i], values[i])
-            chex.assert_trees_all_close(pick(updates), update, rtol=1e-5, atol=1e-6)
-            chex.assert_trees_all_close(raw(pick(states)), raw(alone[i]), rtol=1e-5, atol=1e-6)
+            chex.assert_trees_all_close(pick(updates), update, **tol)
+            chex.assert_trees_all_close(
+                _without_solver_diagnostics(raw(pick(states))),
+                _without_solver_diagnostics(raw(alone[i])),
+                **tol,
+            )
+
+
+# CAGrad's projected-gradient solver stops at a float32 residual of 1e-5
+# (relative), and the batched and the single program round differently: in one
+# case of the test above the two stopped after 11 and 15 iterations, with
+# dual weights 4e-6 apart. Its update and weights are compared at ten times
+# the solver's tolerance, and its iteration count and last residual not at all.
+_VMAP_SOLVER_TOLERANCE = {"cagrad": {"rtol": 1e-4, "atol": 1e-5}}
+
+
+def _without_solver_diagnostics(state):
+    if isinstance(state, mtl_optax.CAGradState):
+        return state._replace(solver_iterations=0, solver_error=0.0)
+    return state
 
 
 @pytest.mark.parametrize("name", mtl_optax.available())
