@@ -28,7 +28,7 @@ import pytest
 
 import mtl_optax
 
-from .methods import hparams, min_tasks, raw
+from .methods import hparams, min_tasks, raw, without_solver_diagnostics
 
 P_SHAPES = {"w": (6, 5), "b": (5,)}  # P = 35
 
@@ -260,8 +260,8 @@ def test_vmap_over_a_batch_of_problems_equals_each_problem_alone(name):
             update, alone[i] = single(pick(grads), alone[i], values[i])
             chex.assert_trees_all_close(pick(updates), update, **tol)
             chex.assert_trees_all_close(
-                _without_solver_diagnostics(raw(pick(states))),
-                _without_solver_diagnostics(raw(alone[i])),
+                without_solver_diagnostics(raw(pick(states))),
+                without_solver_diagnostics(raw(alone[i])),
                 **tol,
             )
 
@@ -270,14 +270,9 @@ def test_vmap_over_a_batch_of_problems_equals_each_problem_alone(name):
 # (relative), and the batched and the single program round differently: in one
 # case of the test above the two stopped after 11 and 15 iterations, with
 # dual weights 4e-6 apart. Its update and weights are compared at ten times
-# the solver's tolerance, and its iteration count and last residual not at all.
+# the solver's tolerance, and its iteration count and last residual not at all
+# (methods.without_solver_diagnostics).
 _VMAP_SOLVER_TOLERANCE = {"cagrad": {"rtol": 1e-4, "atol": 1e-5}}
-
-
-def _without_solver_diagnostics(state):
-    if isinstance(state, mtl_optax.CAGradState):
-        return state._replace(solver_iterations=0, solver_error=0.0)
-    return state
 
 
 @pytest.mark.parametrize("name", mtl_optax.available())
