@@ -19,17 +19,15 @@ import tempfile
 # left as they are (subprocesses that set flags of their own add these:
 # FAST_COMPILE_XLA_FLAGS). They must be in the environment before JAX creates
 # its CPU backend, which importing jax does not do.
-FAST_COMPILE_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    " --xla_cpu_use_fusion_emitters=false"
-)
+from .xla_flags import FAST_COMPILE_XLA_FLAGS
+
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS
     ).strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Many tests compile the same programs (one method on the same shapes, through
 # different transformation objects): JAX's persistent compilation cache lets

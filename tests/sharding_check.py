@@ -42,15 +42,19 @@ would put the whole ``K x P`` Jacobian on every device).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xla_flags import FAST_COMPILE_XLA_FLAGS
 
 # Eight simulated CPU devices; LLVM's optimisations and XLA's MLIR fusion
 # emitters off, which cuts the compilation time (most of this script's) by
 # more than half (see tests/conftest.py).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-    + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    + " --xla_cpu_use_fusion_emitters=false"
+    + " --xla_force_host_platform_device_count=8 "
+    + FAST_COMPILE_XLA_FLAGS
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -58,10 +62,8 @@ import argparse
 import contextlib
 import json
 import re
-import sys
 import time
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -72,8 +74,7 @@ from jax.sharding import PartitionSpec as P
 
 jax.config.update("jax_enable_x64", True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import methods  # noqa: E402
+import methods  # noqa: E402  (tests/ is on sys.path, above)
 
 import mtl_optax  # noqa: E402
 
