@@ -13,9 +13,15 @@ and on the same machine:
   conflictfree, LibMTL where it takes a plain matrix), on the same J, in the
   same interleaved bursts.
 
-Times are medians of repeated calls after compilation / warm-up. The table
-prints the ratios ``jax / floor`` (target: <= 1.5 at P >= 1e6) and
-``best torch / jax`` (target: > 1, i.e. faster than the fastest reference).
+The functions of a row are timed in rounds: each round runs a short burst of
+calls of each (1 to 5 calls, about 25 ms), in a shuffled order, and at least 5
+rounds run. Times are medians over the rounds; the ratios the table prints,
+``jax / floor`` (target: <= 1.5 at P >= 1e6) and ``best torch / jax``
+(target: > 1, i.e. faster than the fastest reference), are medians of the
+ratios taken round by round, so that each compares calls made seconds apart
+(in the JSON rows: ``paired``). Ratios of the medians, as runs before
+2026-11-23 reported, let a slow minute of a shared machine that hit one
+function's burst but not the other's become the ratio.
 
 Usage::
 
@@ -83,50 +89,95 @@ def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
     return _time_interleaved([fn], repeats, budget_s, burst=1)[0]
 
 
-def _time_interleaved(
+# A burst of calls of one function lasts about this long (at most 5 calls, at
+# least 1): short calls are timed in bursts of 5, calls of 25 ms and more one
+# at a time, so that even the slowest sizes get several rounds.
+BURST_S = 0.025
+# The fewest rounds of a side-by-side timing (budget or not): the paired
+# ratios are medians over the rounds.
+MIN_ROUNDS = 5
+
+
+def _time_rounds(
     fns: list[Callable[[], Any]],
     repeats: int,
     budget_s: float,
-    burst: int = 5,
+    burst: int | None = None,
     settle_s: float = 0.0,
-) -> list[float]:
-    """Median wall times (ms) of several functions timed side by side.
+    min_rounds: int = MIN_ROUNDS,
+) -> list[list[float]]:
+    """Wall times (ms) of several functions timed side by side, round by round.
 
-    Bursts of ``burst`` calls of each function in turn, after one warm-up
-    call each, until every function has ``repeats`` calls or ``budget_s``
-    seconds have passed (with at least 3 calls each): a slow minute of a
-    shared machine then slows every function alike, and their ratio holds.
+    Every round runs a burst of ``burst`` calls of each function in turn, in
+    an order shuffled every round (with a fixed seed, so that none always
+    follows the same neighbour: in a fixed order the same Gramian read 30 %
+    slower right after a long XLA contraction than before it). Rounds go on
+    until every function has ``repeats`` timed calls and ``min_rounds``
+    rounds have run, or until ``budget_s`` seconds have passed and at least 3
+    rounds have. ``burst`` defaults to about ``BURST_S`` of calls (1 to 5),
+    from the time of a second warm-up call of the slowest function.
+
     Each burst starts with untimed calls, at least one and for ``settle_s``
     seconds, so that no timed call shares the cores with the previous
     function's threads still spinning (torch's OpenMP workers spin for a while
     after each parallel region: at K = 40, P = 1e5 the engine floor's first
     three calls after a torchjd burst took 7.4, 6.5 and 5.3 ms, and 4.2–4.5 ms
-    from the fifth on; 5.4 ms for the first with ``OMP_WAIT_POLICY=PASSIVE``),
-    and the order of the functions is shuffled every round (with a fixed
-    seed), so that none always follows the same neighbour (in a fixed order,
-    the same Gramian read 30 % slower right after a long XLA contraction than
-    before it).
+    from the fifth on; 5.4 ms for the first with ``OMP_WAIT_POLICY=PASSIVE``).
+
+    Returns, for each round, the median time of each function's burst in that
+    round: ``rounds[r][i]`` for function ``i``. Ratios taken round by round
+    (:func:`paired_ratio`) compare calls made within seconds of each other, so
+    a slow minute of a shared machine does not turn into a ratio.
     """
+    slowest = 0.0
     for fn in fns:
+        jax.block_until_ready(fn())  # compiles
+        t0 = time.perf_counter()
         jax.block_until_ready(fn())
-    times: list[list[float]] = [[] for _ in fns]
+        slowest = max(slowest, time.perf_counter() - t0)
+    if burst is None:
+        burst = max(1, min(5, int(BURST_S / max(slowest, 1e-9))))
+    rounds: list[list[float]] = []
     order = list(range(len(fns)))
     rng = random.Random(0)
     start = time.perf_counter()
-    while len(times[0]) < repeats:
+    while len(rounds) * burst < repeats or len(rounds) < min_rounds:
         rng.shuffle(order)
-        for fn, out in ((fns[i], times[i]) for i in order):
+        this = [0.0] * len(fns)
+        for i in order:
+            fn = fns[i]
             settle_start = time.perf_counter()
             jax.block_until_ready(fn())
             while time.perf_counter() - settle_start < settle_s:
                 jax.block_until_ready(fn())
+            calls = []
             for _ in range(burst):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn())
-                out.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times[0]) >= 3:
+                calls.append(time.perf_counter() - t0)
+            this[i] = 1e3 * statistics.median(calls)
+        rounds.append(this)
+        if time.perf_counter() - start > budget_s and len(rounds) >= 3:
             break
-    return [1e3 * statistics.median(t) for t in times]
+    return rounds
+
+
+def _time_interleaved(
+    fns: list[Callable[[], Any]],
+    repeats: int,
+    budget_s: float,
+    burst: int | None = None,
+    settle_s: float = 0.0,
+) -> list[float]:
+    """Median wall times (ms) of several functions timed side by side
+    (:func:`_time_rounds`): the median over the rounds of each function's."""
+    rounds = _time_rounds(fns, repeats, budget_s, burst, settle_s)
+    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+
+
+def paired_ratio(rounds: list[list[float]], num: int, den: int) -> float:
+    """Median over the rounds of ``rounds[r][num] / rounds[r][den]``."""
+    return statistics.median(r[num] / r[den] for r in rounds)
 
 
 def use_heap_allocator() -> None:
@@ -362,14 +413,23 @@ def run(
                             refs[ref] = ref_call
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    jax_ms, floor_ms, *ref_ms = _time_interleaved(
+                    rounds = _time_rounds(
                         [call, lambda J=J: floor(J), *refs.values()],
                         repeats,
                         (2 + len(refs)) * budget_s,
                         settle_s=settle_s,
                     )
+                jax_ms, floor_ms, *ref_ms = (
+                    statistics.median(r[i] for r in rounds) for i in range(2 + len(refs))
+                )
                 row.update(jax_ms=jax_ms, floor_ms=floor_ms)
                 row.update({f"{ref}_ms": ms for ref, ms in zip(refs, ref_ms, strict=True)})
+                # The ratios round by round (each from calls seconds apart), then
+                # their medians: what the targets are judged on.
+                row["rounds"] = len(rounds)
+                row["paired"] = {"floor": paired_ratio(rounds, 0, 1)} | {
+                    ref: paired_ratio(rounds, 2 + i, 0) for i, ref in enumerate(refs)
+                }
                 rows.append(row)
                 print(_format_row(row), flush=True)
                 on_row(rows)
@@ -386,12 +446,37 @@ def row_label(row: dict) -> str:
     )
 
 
+OWN_MS = ("jax_ms", "floor_ms", "dispatch_ms")
+
+
+def reference_times(row: dict) -> dict[str, float]:
+    """The torch references' median times (ms) in ``row``, by reference."""
+    return {k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in OWN_MS}
+
+
+def ratios(row: dict) -> tuple[float, tuple[str, float] | None]:
+    """``(jax / floor, (reference, its time / jax))`` of a row, the targets' ratios.
+
+    Rows of this version hold the ratios taken round by round (``row["paired"]``,
+    medians of per-round ratios); the reference is then the one with the lowest
+    speed-up, i.e. the fastest. Rows of earlier runs hold only the medians, whose
+    ratios are taken instead, against the reference with the lowest median.
+    """
+    refs = reference_times(row)
+    paired = row.get("paired")
+    if paired is not None:
+        speedups = {ref: paired[ref] for ref in refs}
+        best = min(speedups.items(), key=lambda kv: kv[1]) if speedups else None
+        return paired["floor"], best
+    best_ms = min(refs.items(), key=lambda kv: kv[1]) if refs else None
+    best = (best_ms[0], best_ms[1] / row["jax_ms"]) if best_ms else None
+    return row["jax_ms"] / row["floor_ms"], best
+
+
 def _format_row(row: dict) -> str:
-    own = ("jax_ms", "floor_ms", "dispatch_ms")
-    refs = {k[:-3]: v for k, v in row.items() if k.endswith("_ms") and k not in own}
-    best = min(refs.items(), key=lambda kv: kv[1]) if refs else None
-    ratio_floor = row["jax_ms"] / row["floor_ms"]
-    speedup = f"{best[1] / row['jax_ms']:7.2f}x vs {best[0]}" if best else "      -"
+    refs = reference_times(row)
+    ratio_floor, best = ratios(row)
+    speedup = f"{best[1]:7.2f}x vs {best[0]}" if best else "      -"
     ref_text = ", ".join(f"{n} {v:.2f}" for n, v in sorted(refs.items()))
     return (
         f"| {row_label(row):<14} | {row['K']:>3} | {row['P']:>9.0e} | {row['jax_ms']:9.2f} |"
