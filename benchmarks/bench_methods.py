@@ -93,8 +93,8 @@ def _time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
 # least 1): short calls are timed in bursts of 5, calls of 25 ms and more one
 # at a time, so that even the slowest sizes get several rounds.
 BURST_S = 0.025
-# The fewest rounds of a side-by-side timing (budget or not): the paired
-# ratios are medians over the rounds.
+# The fewest rounds of a side-by-side timing (3 when its budget runs out):
+# the paired ratios are medians over the rounds.
 MIN_ROUNDS = 5
 
 
@@ -170,9 +170,13 @@ def _time_interleaved(
     settle_s: float = 0.0,
 ) -> list[float]:
     """Median wall times (ms) of several functions timed side by side
-    (:func:`_time_rounds`): the median over the rounds of each function's."""
-    rounds = _time_rounds(fns, repeats, budget_s, burst, settle_s)
-    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    (:func:`_time_rounds`)."""
+    return round_medians(_time_rounds(fns, repeats, budget_s, burst, settle_s))
+
+
+def round_medians(rounds: list[list[float]]) -> list[float]:
+    """Each function's median time (ms) over the rounds of :func:`_time_rounds`."""
+    return [statistics.median(r[i] for r in rounds) for i in range(len(rounds[0]))]
 
 
 def paired_ratio(rounds: list[list[float]], num: int, den: int) -> float:
@@ -419,9 +423,7 @@ def run(
                         (2 + len(refs)) * budget_s,
                         settle_s=settle_s,
                     )
-                jax_ms, floor_ms, *ref_ms = (
-                    statistics.median(r[i] for r in rounds) for i in range(2 + len(refs))
-                )
+                jax_ms, floor_ms, *ref_ms = round_medians(rounds)
                 row.update(jax_ms=jax_ms, floor_ms=floor_ms)
                 row.update({f"{ref}_ms": ms for ref, ms in zip(refs, ref_ms, strict=True)})
                 # The ratios round by round (each from calls seconds apart), then
