@@ -9,7 +9,6 @@ still work with the library as it is, so that the numbers in
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -17,15 +16,14 @@ import sys
 
 import pytest
 
-from .conftest import FAST_COMPILE_XLA_FLAGS
+from .xla_flags import FAST_COMPILE_XLA_FLAGS, cpu_subprocess_env
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # the row's numbers are not checked, only written
-    env["JAX_PLATFORMS"] = "cpu"
+    # The row's numbers are not checked, only written: the fast-compile flags.
+    env = cpu_subprocess_env(FAST_COMPILE_XLA_FLAGS)
     done = subprocess.run(
         [sys.executable, *args],
         cwd=BENCHMARKS,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import codegen_check
+from .xla_flags import cpu_subprocess_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,11 +36,9 @@ SOLVER_NORM_RTOL = {"cagrad": 1e-3}
 
 def test_default_xla_codegen_gives_the_numbers_the_suite_checks(tmp_path):
     out = tmp_path / "default_codegen.npz"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
         [sys.executable, str(HERE / "codegen_check.py"), str(out)],
-        env=env,
+        env=cpu_subprocess_env(),  # XLA's default flags
         capture_output=True,
         text=True,
         timeout=600,

@@ -33,7 +33,6 @@ earlier or later (observed 5e-8).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ import pytest
 
 import mtl_optax
 
-from .conftest import FAST_COMPILE_XLA_FLAGS
+from .xla_flags import FAST_COMPILE_XLA_FLAGS, cpu_subprocess_env
 
 HERE = Path(__file__).resolve().parent
 METHODS = mtl_optax.available(aliases=False)
@@ -53,13 +52,11 @@ DEFAULT_RTOL = 1e-8
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(HERE / "sharding_check.py"), "--methods", ",".join(METHODS)],
         capture_output=True,
         text=True,
-        env=env,
+        env=cpu_subprocess_env(),  # the script sets its own flags
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -103,9 +100,7 @@ def test_every_method_sharded_step_equals_single_device_step(report):
 def test_sharded_training_example_runs():
     # Smoke test of examples/sharded_training.py: both layouts train, match
     # one device (the script asserts it) and report the expected shardings.
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # the example adds its 8 devices
+    env = cpu_subprocess_env(FAST_COMPILE_XLA_FLAGS)  # the example adds its 8 devices
     example = HERE.parent / "examples" / "sharded_training.py"
     proc = subprocess.run(
         [sys.executable, str(example), "--method", "mean", "--steps", "3"],
