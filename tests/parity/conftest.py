@@ -74,6 +74,45 @@ def require_reference(module_name: str) -> types.ModuleType:
         raise  # unreachable: skip and fail raise.
 
 
+class _Reference:
+    """Stands in for a reference module, imported by :func:`require_reference` at first use.
+
+    Reading, setting or deleting an attribute acts on the module itself (so
+    ``monkeypatch.setattr(torch, "rand", fake)`` patches torch for the reference).
+    """
+
+    __slots__ = ("_reference_name",)
+
+    def __init__(self, module_name: str) -> None:
+        object.__setattr__(self, "_reference_name", module_name)
+
+    def _module(self) -> types.ModuleType:
+        return require_reference(self._reference_name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._module(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._module(), name)
+
+    def __repr__(self) -> str:
+        return f"<parity reference {self._reference_name!r}, imported at first use>"
+
+
+def reference(module_name: str) -> Any:
+    """The reference module ``module_name``, imported when a test first uses it.
+
+    Bound at module level (``torch = reference("torch")``), it keeps collection
+    free of torch imports, and a missing reference skips (locally) or fails
+    (``CI=true``) each test that uses it, as :func:`require_reference` does,
+    rather than raising a collection error that would stop the whole session.
+    """
+    return _Reference(module_name)
+
+
 # ---------------------------------------------------------------------------
 # LibMTL without torchvision.
 #

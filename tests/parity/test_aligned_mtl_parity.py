@@ -24,18 +24,13 @@ from .conftest import (
     edge_jacobian,
     jacobian_to_tree,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 def _torchjd(jac, *, pref=None, scale_mode="min"):
@@ -82,13 +77,11 @@ CASES = [(2, 300), (3, 2000), (5, 1000), (10, 700), (10, 10), (10, 6), (25, 400)
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
 @pytest.mark.parametrize(("k", "p"), CASES, ids=[f"K{k}-P{p}" for k, p in CASES])
 def test_random_jacobians_match_torchjd(x64, scale_mode, k, p):
-    _references()
     for seed in range(2):
         _check(random_jacobian(11 * k + seed, k, p), scale_mode=scale_mode)
 
 
 def test_preference_vector_matches_torchjd(x64):
-    _references()
     pref = [0.5, 1.0, 2.0, 0.1, 0.0, 1.5]
     for scale_mode in ("min", "median", "rmse"):
         _check(random_jacobian(60, 6, 500), pref_vector=pref, scale_mode=scale_mode)
@@ -97,7 +90,6 @@ def test_preference_vector_matches_torchjd(x64):
 @pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_edge_cases_match_torchjd(x64, case):
     """The issue's edge cases: finite on both sides and equal (all-zero: B = I, the mean, 0)."""
-    _references()
     jac = edge_jacobian(case, seed=37)
     _check(jac)
     update, _ = _mtl(jac)
@@ -105,5 +97,4 @@ def test_edge_cases_match_torchjd(x64, case):
 
 
 def test_k40_p1e5_matches_torchjd(x64):
-    _references()
     _check(random_jacobian(401, 40, 100_000))

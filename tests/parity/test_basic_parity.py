@@ -36,21 +36,14 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
+    reference,
     require_reference,
     to_numpy,
     tree_to_vector,
 )
 
-# Imported at the start of each test (_references()) rather than at module
-# level: a missing reference then skips (locally) or fails (CI=true) each test,
-# instead of a collection error that would interrupt the whole test session.
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 METHODS = ("mean", "sum", "constant", "rlw")
@@ -137,7 +130,6 @@ def _check(method, jac, seed, monkeypatch):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("seed", "k", "p"), CASES, ids=[f"s{s}-K{k}-P{p}" for s, k, p in CASES])
 def test_random_jacobians_match_torchjd(x64, monkeypatch, method, seed, k, p):
-    _references()
     jac = random_jacobian(seed, k, p)
     _check(method, jac, seed, monkeypatch)
 
@@ -171,14 +163,12 @@ EDGE_CASES = ("identical", "opposite", "orthogonal", "zero_task", "magnitudes", 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", EDGE_CASES)
 def test_edge_cases_match_torchjd(x64, monkeypatch, method, case):
-    _references()
     jac = _edge_case(case)
     _check(method, jac, 3, monkeypatch)
 
 
 def test_opposite_gradients_cancel(x64, monkeypatch):
     """For g and -g both libraries' mean is exactly zero (a sharper check than rtol)."""
-    _references()
     jac = _edge_case("opposite")
     update, _, expected, _ = _both("mean", jac, 0, monkeypatch)
     assert np.all(update == 0.0) and np.all(expected == 0.0)
@@ -207,7 +197,6 @@ LIBMTL_CASES = [(7 * k + i, k, p) for k in (1, 2, 3, 10, 40) for i, p in enumera
     ("seed", "k", "p"), LIBMTL_CASES, ids=[f"s{s}-K{k}-P{p}" for s, k, p in LIBMTL_CASES]
 )
 def test_sum_and_mean_match_libmtl_ew(x64, seed, k, p):
-    _references()
     EW = import_libmtl().weighting.EW
 
     jac = random_jacobian(seed, k, p)
@@ -225,7 +214,6 @@ def test_sum_and_mean_match_libmtl_ew(x64, seed, k, p):
 )
 def test_rlw_replays_libmtl_rlw(x64, seed, k, p):
     """mtl_optax.rlw's draw, replayed through LibMTL's RLW (dist='Normal'), gives its update."""
-    _references()
     RLW = import_libmtl().weighting.RLW
 
     tx = mtl_optax.rlw(key=seed)
@@ -329,7 +317,6 @@ def test_rlw_distribution_matches_torchjd(x64, k):
     As a check of the test's power, the same KS test rejects (p < 1e-3) the law
     softmax(1.1 z), a 10% change of the Gaussian's scale.
     """
-    _references()
     stats = require_reference("scipy.stats")
     ours = _mtl_rlw_draws(1000 + k, k, NUM_DRAWS)
     theirs = _torchjd_rlw_draws(2000 + k, k, NUM_DRAWS)
@@ -344,7 +331,6 @@ def test_rlw_distribution_matches_libmtl(x64):
     Same property and checks as the TorchJD test, for K = 3 and N = 20000
     (LibMTL draws in float32).
     """
-    _references()
     stats = require_reference("scipy.stats")
     k = 3
     ours = _mtl_rlw_draws(4000, k, NUM_DRAWS)
@@ -373,7 +359,6 @@ def test_rlw_key_determines_the_sequence(x64):
 
 def test_torchjd_reference_draws_are_seeded():
     """The torch side is deterministic under a fixed seed (so the law test is too)."""
-    _references()
     a = _torchjd_rlw_draws(1, 3, 5)
     np.testing.assert_array_equal(a, _torchjd_rlw_draws(1, 3, 5))
     assert not np.array_equal(a, _torchjd_rlw_draws(2, 3, 5))

@@ -53,6 +53,7 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
+    reference,
     require_reference,
     to_numpy,
     torch_default_float64,
@@ -67,13 +68,7 @@ OBJ_SLACK = 1e-8  # objective slack, relative to the problem's scale (see _scale
 UPDATE_RTOL = 1e-3  # own update of an iterative reference (module docstring, part 3).
 REPLAY_RTOL = 1e-10  # replayed weights: rounding only.
 
-torch = None
-
-
-def _torch():
-    global torch
-    torch = require_reference("torch")
-    return torch
+torch = reference("torch")
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +200,6 @@ def _torchjd_solver(monkeypatch, inject=None):
 
 
 def _torchjd(jac, c, monkeypatch, inject=None, norm_eps=1e-4):
-    _torch()
     aggregation = require_reference("torchjd.aggregation")
     with _torchjd_solver(monkeypatch, inject) as record:
         update = to_numpy(aggregation.CAGrad(c=c, norm_eps=norm_eps)(torch.from_numpy(jac)))
@@ -343,7 +337,6 @@ def _libmtl(jac, calpha, rescale, monkeypatch, inject=None):
     objective function and solution are recorded; with ``inject`` the result
     is replaced by mtl_optax's weights (replay).
     """
-    _torch()
     import_libmtl()
     module = sys.modules["LibMTL.weighting.CAGrad"]
     real_minimize = module.minimize

@@ -37,25 +37,18 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     torch_default_dtype,
     torch_default_float64,
     tree_to_vector,
 )
 
-# Imported in each test (see test_basic_parity.py): a missing reference skips
-# locally and fails with CI=true.
-torch = cf_grad = cf_length = cf_weight = cf_momentum = aggregation = None
-
-
-def _references():
-    global torch, cf_grad, cf_length, cf_weight, cf_momentum, aggregation
-    torch = require_reference("torch")
-    cf_grad = require_reference("conflictfree.grad_operator")
-    cf_length = require_reference("conflictfree.length_model")
-    cf_weight = require_reference("conflictfree.weight_model")
-    cf_momentum = require_reference("conflictfree.momentum_operator")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+cf_grad = reference("conflictfree.grad_operator")
+cf_length = reference("conflictfree.length_model")
+cf_weight = reference("conflictfree.weight_model")
+cf_momentum = reference("conflictfree.momentum_operator")
+aggregation = reference("torchjd.aggregation")
 
 
 @pytest.fixture
@@ -67,7 +60,6 @@ def f64(x64):
     float32 weights and float64 gradients ``torch.linalg.lstsq`` refuses the
     mixed dtypes.
     """
-    _references()
     with torch_default_float64():
         yield
 

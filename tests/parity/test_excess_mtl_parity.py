@@ -33,18 +33,13 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 @functools.cache
@@ -93,7 +88,6 @@ def test_matches_torchjd_over_steps(x64, k, p, n_warmup, eta):
 
     Weights 1e-12 relative per entry, update 1e-12 of sum_k |w_k| |J_kj|.
     """
-    _references()
     rng = np.random.default_rng(k * p)
     scales = 10.0 ** rng.uniform(-1, 0.5, k) * (3.0 / p)
     jacs = [random_jacobian(100 * k + s, k, p, scales=scales) for s in range(6)]
@@ -119,7 +113,6 @@ def test_edge_cases_match_torchjd(x64, case):
     later excess risks are divided by 1e-7 and take all the weight. Weights
     1e-12 relative per entry, update 1e-12 of sum_k |w_k| |J_kj|.
     """
-    _references()
     p = 301
     jac = edge_jacobian(case, seed=3, num_params=p, extra={"zero_then_nonzero": _zero_then_nonzero})
     jac = jac / p
@@ -137,7 +130,6 @@ def test_edge_cases_match_torchjd(x64, case):
 
 def test_k40_p1e5_matches_torchjd(x64):
     """K = 40, P = 1e5, three steps with a warmup of one: 1e-12 as above."""
-    _references()
     k, p = 40, 100_000
     scales = np.linspace(0.5, 2.0, k) / p
     jacs = [random_jacobian(500 + s, k, p, scales=scales) for s in range(3)]
@@ -148,7 +140,6 @@ def test_k40_p1e5_matches_torchjd(x64):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float32_and_bfloat16_leaves_match_torchjd_in_float32(dtype):
     """Float32 on both sides (bfloat16 leaves: their float32 values to TorchJD), 1e-5 relative."""
-    _references()
     k, p = 3, 120
     jacs = [
         random_jacobian(40 + s, k, p, scales=np.array([0.3, 1.0, 3.0]) * 3 / p) for s in range(4)

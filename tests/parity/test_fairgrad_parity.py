@@ -39,18 +39,13 @@ from .conftest import (
     edge_jacobian,
     jacobian_to_tree,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 def _residual(gram, w, alpha):
@@ -115,7 +110,6 @@ FAIR_CASES = [(10, 700, alpha) for alpha in (0.5, 1.0, 2.0, 5.0)] + [
     ("k", "p", "alpha"), FAIR_CASES, ids=[f"K{k}-P{p}-a{a}" for k, p, a in FAIR_CASES]
 )
 def test_fairgrad_random_jacobians_match_torchjd(x64, k, p, alpha):
-    _references()
     jac = random_jacobian(11 * k, k, p)
     gram = jac @ jac.T
     update, weights = _mtl("fairgrad", jac, alpha=alpha)
@@ -127,7 +121,6 @@ def test_fairgrad_random_jacobians_match_torchjd(x64, k, p, alpha):
 
 
 def test_fairgrad_more_tasks_than_parameters_matches_torchjd(x64):
-    _references()
     jac = random_jacobian(5, 10, 6)  # singular Gramian with a positive solution
     update, weights = _mtl("fairgrad", jac, alpha=2.0)
     ref_update, ref_weights = _fairgrad_ref(jac, 2.0)
@@ -137,7 +130,6 @@ def test_fairgrad_more_tasks_than_parameters_matches_torchjd(x64):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_fairgrad_k40_p1e5_matches_torchjd(x64, alpha):
-    _references()
     jac = random_jacobian(401, 40, 100_000)
     update, weights = _mtl("fairgrad", jac, alpha=alpha)
     ref_update, ref_weights = _fairgrad_ref(jac, alpha)
@@ -156,7 +148,6 @@ def test_fairgrad_edge_cases(x64, case):
     sides are finite, mtl_optax's regularised weights are documented in
     ``solve_alpha_fair``.
     """
-    _references()
     jac = edge_jacobian(case, seed=37)
     gram = jac @ jac.T
     update, weights = _mtl("fairgrad", jac, alpha=2.0)
@@ -176,7 +167,6 @@ def test_fairgrad_edge_cases(x64, case):
 
 @pytest.mark.parametrize(("k", "p"), CASES, ids=[f"K{k}-P{p}" for k, p in CASES])
 def test_nash_mtl_random_jacobians_match_torchjd(x64, k, p):
-    _references()
     jac = random_jacobian(13 * k, k, p)
     gram = jac @ jac.T
     ref_update, ref_alpha, _ = _nash_ref(jac)  # TorchJD's defaults: max_norm 1
@@ -193,7 +183,6 @@ def test_nash_mtl_random_jacobians_match_torchjd(x64, k, p):
 
 def test_nash_mtl_steps_with_reused_weights_match_torchjd(x64):
     """Three steps with update_weights_every=2 and max_norm=0.5, each on a new Jacobian."""
-    _references()
     aggregator = aggregation.NashMTL(n_tasks=4, max_norm=0.5, update_weights_every=2)
     tx = mtl_optax.nash_mtl(4, max_norm=0.5, update_weights_every=2)
     step = jax.jit(tx.update)
@@ -210,7 +199,6 @@ def test_nash_mtl_steps_with_reused_weights_match_torchjd(x64):
 def test_nash_mtl_without_cap_matches_torchjd_where_it_solves(x64):
     """max_norm=0: the raw Nash weights, ||u||^2 = K. K > P: mtl_optax solves the condition
     to rounding; TorchJD's ECOS solves stop anywhere from 1e-7 to a residual of 2.5 (seen)."""
-    _references()
     jac = random_jacobian(3, 5, 400)
     ref_update, ref_alpha, _ = _nash_ref(jac, max_norm=0.0)
     update, weights = _mtl("nash_mtl", jac, max_norm=0.0)
@@ -230,7 +218,6 @@ def test_nash_mtl_edge_cases(x64, case):
     """Orthogonal gradients: equal. Elsewhere TorchJD's ECOS solves fail (it keeps its
     initial weights, all 1, residual >= 0.5) or raise (K = 1, all-zero); mtl_optax is
     finite everywhere and solves the condition wherever a solution exists."""
-    _references()
     jac = edge_jacobian(case, seed=37)
     gram = jac @ jac.T
     update, weights = _mtl("nash_mtl", jac, max_norm=0.0)

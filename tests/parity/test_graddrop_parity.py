@@ -40,6 +40,7 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
+    reference,
     require_reference,
     to_numpy,
     torch_default_float64,
@@ -47,13 +48,8 @@ from .conftest import (
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "vambn_fixtures.npz"
@@ -155,7 +151,6 @@ RANDOM_CASES = [(2, 300, 0.0), (3, 2000, 0.3), (5, 1000, 0.0), (10, 700, 0.3)]
     ("k", "p", "leak"), RANDOM_CASES, ids=[f"K{k}-P{p}-l{lk}" for k, p, lk in RANDOM_CASES]
 )
 def test_random_jacobians_match_torchjd(x64, monkeypatch, k, p, leak):
-    _references()
     for seed in range(2):
         jac = random_jacobian(100 * k + seed, k, p)
         ours, theirs, _ = _torchjd_replay(jac, leak, seed, monkeypatch)
@@ -163,7 +158,6 @@ def test_random_jacobians_match_torchjd(x64, monkeypatch, k, p, leak):
 
 
 def test_per_task_leakage_matches_torchjd(x64, monkeypatch):
-    _references()
     jac = random_jacobian(5, 4, 777)
     leak = np.array([0.0, 0.1, 0.5, 1.0])
     ours, theirs, _ = _torchjd_replay(jac, leak, 9, monkeypatch)
@@ -191,7 +185,6 @@ EDGE_CASES = (
 @pytest.mark.parametrize("case", EDGE_CASES)
 def test_edge_cases_match_torchjd(x64, monkeypatch, case):
     """Edge cases against TorchJD (leak 0.2), and what they give independently of it."""
-    _references()
     jac = _edge_case(case)
     ours, theirs, draws = _torchjd_replay(jac, 0.2, 3, monkeypatch)
     assert_masked_close(ours, theirs, jac)
@@ -207,7 +200,6 @@ def test_edge_cases_match_torchjd(x64, monkeypatch, case):
 
 
 def test_k40_p1e5_matches_torchjd(x64, monkeypatch):
-    _references()
     jac = random_jacobian(40, 40, 100_000)
     ours, theirs, _ = _torchjd_replay(jac, 0.1, 40, monkeypatch, tree={"x": jnp.asarray(jac)})
     assert_masked_close(ours, theirs, jac)
@@ -226,7 +218,6 @@ def test_low_precision_leaves_match_float64_torchjd(x64, monkeypatch, dtype, rto
     reference, so a coordinate whose purity is within 1e-5 of its uniform could
     flip its mask: such razor-edge coordinates are excluded (and must be rare).
     """
-    _references()
     jac64 = random_jacobian(77, 5, 3000)
     tree = jax.tree_util.tree_map(lambda x: x.astype(dtype), jacobian_to_tree(jac64))
     rounded = tree_to_matrix(jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), tree))
@@ -293,7 +284,6 @@ def test_batched_graddrop_matches_libmtl_on_positive_representations(
     x64, monkeypatch, seed, k, b, d, leak
 ):
     """With ``rep > 0`` LibMTL's statistic is the batch sum: ``batch_axes=0``."""
-    _references()
     rng = np.random.default_rng(seed)
     grads = rng.standard_normal((k, b, d))
     rep = rng.random((b, d)) + 0.1
@@ -307,7 +297,6 @@ def test_batched_graddrop_matches_libmtl_on_positive_representations(
 
 def test_paper_sign_form_matches_libmtl(x64, monkeypatch):
     """LibMTL's (the paper's) statistic ``sum_b sign(A) g``: feed ``sign(A) g``, multiply by ``sign(A)``."""
-    _references()
     rng = np.random.default_rng(8)
     k, b, d = 4, 8, 96
     grads = rng.standard_normal((k, b, d))
@@ -333,7 +322,6 @@ def test_libmtl_epsilon_biases_tiny_gradients(x64, monkeypatch):
     keeps every gradient; LibMTL's purity is about 0.5 + 0.5 * 1e-9 * K * B / 1e-7
     and it drops the gradients wherever the draw exceeds it.
     """
-    _references()
     rng = np.random.default_rng(4)
     k, b, d = 3, 2, 200
     grads = 1e-9 * (rng.random((k, b, d)) + 0.5)

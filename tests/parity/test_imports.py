@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .conftest import import_libmtl, require_reference
+from .conftest import import_libmtl, reference, require_reference
 
 
 def test_torch_imports():
@@ -65,3 +65,24 @@ def test_missing_reference_fails_in_ci(monkeypatch):
 
 def test_fixture_form(require_reference):
     assert require_reference("numpy").__name__ == "numpy"
+
+
+def test_reference_imports_at_first_use_and_a_missing_one_fails_there(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    missing = reference("mtl_optax_no_such_reference_module")  # no import yet: no failure
+    with pytest.raises(pytest.fail.Exception, match="pip install"):
+        missing.anything
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="pip install"):
+        missing.anything
+
+
+def test_reference_reads_and_patches_the_module_itself(monkeypatch):
+    import json
+
+    ref = reference("json")
+    assert ref.dumps is json.dumps
+    monkeypatch.setattr(ref, "dumps", len)  # as the parity tests patch torch.rand
+    assert json.dumps is len
+    monkeypatch.undo()
+    assert json.dumps is ref.dumps and json.dumps([1]) == "[1]"

@@ -39,23 +39,18 @@ from .conftest import (
     import_libmtl,
     jacobian_to_tree,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     torch_default_float64,
     tree_to_matrix,
     tree_to_vector,
 )
 
-torch = aggregation = operators = None
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
+operators = reference("conflictfree.grad_operator")
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "vambn_fixtures.npz"
-
-
-def _references():
-    global torch, aggregation, operators
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
-    operators = require_reference("conflictfree.grad_operator")
 
 
 _TX = mtl_optax.get("imtl_g")
@@ -131,7 +126,6 @@ CASES = [(2, 300), (3, 2000), (5, 1000), (10, 700)]
 
 @pytest.mark.parametrize(("k", "p"), CASES, ids=[f"K{k}-P{p}" for k, p in CASES])
 def test_random_jacobians_match_all_references(x64, k, p):
-    _references()
     for seed in range(2):
         jac = random_jacobian(100 * k + seed, k, p)
         update, alpha = _mtl(jac)
@@ -145,7 +139,6 @@ def test_random_jacobians_match_all_references(x64, k, p):
 
 
 def test_k40_p1e5_matches_config_and_torchjd(x64):
-    _references()
     jac = random_jacobian(400, 40, 100_000)
     update, alpha = _mtl(jac, tree={"x": jnp.asarray(jac)})
     assert_combination_close(update, _config(jac), alpha, jac, rtol=1e-9)
@@ -172,7 +165,6 @@ def _edge(name):
 
 
 def test_edge_k1_is_the_gradient(x64):
-    _references()
     jac = _edge("K1")
     update, alpha = _mtl(jac)
     np.testing.assert_array_equal(alpha, [1.0])
@@ -188,7 +180,6 @@ def test_edge_k1_is_the_gradient(x64):
 @pytest.mark.parametrize("case", ["orthogonal", "opposite", "magnitudes_K2", "magnitudes_K3"])
 def test_edge_full_rank_cases_match_all_references(x64, case):
     """Nonsingular D U^T: every reference agrees (opposite: alpha = (1/2, 1/2), u = 0)."""
-    _references()
     jac = _edge(case)
     rtol = 1e-6 if case.startswith("magnitudes") else 1e-9
     update, alpha = _mtl(jac)
@@ -214,7 +205,6 @@ def test_edge_full_rank_cases_match_all_references(x64, case):
 
 def test_edge_identical_gives_the_gradient(x64):
     """Identical gradients: D U^T = 0, alpha = (1, 0), u = g. ConFIG and TorchJD give g too."""
-    _references()
     jac = _edge("identical")
     update, alpha = _mtl(jac)
     np.testing.assert_array_equal(alpha, [1.0, 0.0])
@@ -232,7 +222,6 @@ def test_edge_collinear_positive_gives_the_first_gradient(x64):
     ConFIG's pseudo-inverse keeps the rounding noise of D U^T, so its answer
     is arbitrary; LibMTL inverts that noise.
     """
-    _references()
     jac = _edge("collinear_positive")
     update, alpha = _mtl(jac)
     np.testing.assert_array_equal(alpha, [1.0, 0.0, 0.0])
@@ -249,7 +238,6 @@ def test_edge_collinear_mixed_gives_zero(x64):
     TorchJD's alpha = c / sum c gives -10.5 g, whose projections onto the unit
     gradients are not equal (+-10.5 ||g||).
     """
-    _references()
     jac = _edge("collinear_mixed")
     update, alpha = _mtl(jac)
     assert np.isclose(alpha.sum(), 1.0, rtol=0, atol=1e-15)
@@ -265,7 +253,6 @@ def test_edge_zero_task_gives_zero(x64):
     TorchJD drops the zero task (IMTL-G on the other two); LibMTL divides by
     the zero norm and returns NaN.
     """
-    _references()
     jac = _edge("zero_task")
     update, alpha = _mtl(jac)
     assert np.all(np.isfinite(alpha))
@@ -288,7 +275,6 @@ def test_edge_zero_task_gives_zero(x64):
 )
 def test_low_precision_leaves_match_float64_torchjd(x64, dtype, rtol):
     """float32 / bfloat16 leaves against TorchJD in float64 on the same rounded inputs."""
-    _references()
     jac64 = random_jacobian(91, 5, 3000)
     tree = jax.tree_util.tree_map(lambda x: x.astype(dtype), jacobian_to_tree(jac64))
     rounded = tree_to_matrix(jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), tree))

@@ -37,19 +37,13 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     torch_default_float64,
     tree_to_vector,
 )
 
-torch = None
-
-
-def _libmtl():
-    global torch
-    torch = require_reference("torch")
-    return import_libmtl()
+torch = reference("torch")
 
 
 def _driven(cls, k, p):
@@ -100,7 +94,7 @@ def _ours(tx, jac, value, state):
 
 @pytest.mark.parametrize(("k", "p"), [(2, 40), (3, 300), (10, 100)])
 def test_gls_matches_libmtl(x64, k, p):
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     jacs, losses = _problem(3 * k, k, p, steps=3)
     tx = mtl_optax.gls(num_tasks=k)
     state = tx.init(None)
@@ -117,7 +111,7 @@ def test_gls_matches_libmtl(x64, k, p):
 
 def test_gls_of_many_small_losses_stays_finite_where_the_product_underflows(x64):
     """K = 40 losses of 1e-10: LibMTL's product underflows to 0 (its gradient is NaN)."""
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     k, p = 40, 50
     jac = random_jacobian(1, k, p)
     value = np.full(k, 1e-10) * np.linspace(1, 2, k)
@@ -134,7 +128,7 @@ def test_gls_of_many_small_losses_stays_finite_where_the_product_underflows(x64)
 @pytest.mark.parametrize("steps_per_epoch", [1, 3])
 @pytest.mark.parametrize(("k", "p", "temperature"), [(2, 40, 2.0), (4, 200, 0.5), (10, 60, 2.0)])
 def test_dwa_matches_libmtl_over_epochs(x64, k, p, temperature, steps_per_epoch):
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     epochs = 5
     jacs, losses = _problem(7 * k, k, p, steps=epochs * steps_per_epoch)
     reference = _driven(libmtl.weighting.DWA, k, p)
@@ -159,7 +153,7 @@ def test_dwa_matches_libmtl_over_epochs(x64, k, p, temperature, steps_per_epoch)
 
 @pytest.mark.parametrize(("k", "p"), [(2, 40), (3, 300), (10, 100)])
 def test_uw_matches_libmtl_over_steps(x64, k, p):
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     args = libmtl.config.LibMTL_args.parse_args([])
     assert args.optim == "adam"
     jacs, losses = _problem(11 * k, k, p, steps=6)

@@ -59,20 +59,15 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     torch_default_float64,
     tree_to_vector,
 )
 
-torch = aggregation = None
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
 
 
 @contextlib.contextmanager
@@ -202,7 +197,6 @@ def test_random_jacobians_match_libmtl(x64, normalization, seed, k, p):
     one normalized gradient dominates the other: there LibMTL returns
     0.999/0.001 and mgda the exact 1/0 (a lower cost).
     """
-    _references()
     rng = np.random.default_rng(seed)
     jac = random_jacobian(seed, k, p, scales=rng.uniform(0.3, 3.0, k))
     jac += 0.5 * rng.standard_normal(p)
@@ -256,7 +250,6 @@ def test_edge_cases_against_libmtl(x64, case, normalization):
       lower (K = 2: its 0.999/0.001 boundary puts 0.001 on the 1e4 gradient).
     Everywhere LibMTL's result is finite, the check at solver tolerance holds.
     """
-    _references()
     jac = _edge_jacobian(case)
     k = len(jac)
     losses = np.linspace(0.5, 1.5, k)
@@ -300,7 +293,6 @@ def test_edge_cases_against_libmtl(x64, case, normalization):
 
 def test_single_task_libmtl_fails_and_mgda_returns_the_gradient(x64):
     """K = 1: LibMTL's pair search finds no pair and raises; mgda returns g / n."""
-    _references()
     jac = _edge_jacobian("K1")
     with pytest.raises(UnboundLocalError):
         _libmtl(jac, [1.5], "none")
@@ -328,7 +320,6 @@ def test_k40_p1e5_libmtl_stops_early_and_mgda_reaches_the_optimum(x64):
     its point is more than 1.2 times longer than the min-norm point. mgda's
     norm equals the exact minimum to 1e-10 relative.
     """
-    _references()
     MGDA = import_libmtl().weighting.MGDA
     jac, gram, best = _k40_problem()
     ours_u, lam, _ = _mtl(jac, np.ones(40))
@@ -354,7 +345,6 @@ def test_low_precision_leaves_against_libmtl_float64(x64, dtype):
     1e-2 (bfloat16: its 8-bit mantissa rounds the output) of the float64
     reference, relative to the reference's norm; the weights within 1e-4.
     """
-    _references()
     rng = np.random.default_rng(5)
     jac = random_jacobian(5, 3, 400, scales=[0.5, 1.0, 2.0]) + 0.5 * rng.standard_normal(400)
     rounded = np.asarray(jnp.asarray(jac).astype(dtype).astype(jnp.float64))
@@ -389,7 +379,6 @@ def test_random_jacobians_match_torchjd(x64, seed, k, p):
     reach 0, plain Frank-Wolfe only shrinks it slowly: 1e-3 is left after
     5000 iterations.)
     """
-    _references()
     jac = random_jacobian(seed, k, p) + 0.3 * np.random.default_rng(seed).standard_normal(p)
     ours_u, lam, state = _mtl(jac, np.ones(k))
     ones = np.ones(k)
@@ -416,7 +405,6 @@ def test_edge_cases_against_torchjd(x64, case):
     Exact agreement where both are exact: K = 1 (the gradient), identical
     (the first task's gradient), opposite and a zero task (exactly 0).
     """
-    _references()
     jac = _edge_jacobian(case)
     k = len(jac)
     ours_u, lam, _ = _mtl(jac, np.ones(k))
@@ -438,7 +426,6 @@ def test_edge_cases_against_torchjd(x64, case):
 
 def test_k40_p1e5_against_torchjd(x64):
     """K = 40, P = 1e5 (task scales over four decades): TorchJD's cost is not below ours."""
-    _references()
     jac, gram, best = _k40_problem()
     ours_u, _, _ = _mtl(jac, np.ones(40))
     ref_w = to_numpy(aggregation.MGDAWeighting()(torch.from_numpy(gram)))

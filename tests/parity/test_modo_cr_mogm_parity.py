@@ -40,18 +40,13 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 def _modo_run(jacs_1, jacs_2, gamma, rho):
@@ -83,7 +78,6 @@ MODO_CASES = [(2, 50, 0.1, 0.1), (3, 300, 0.5, 0.0), (5, 120, 0.02, 0.3), (10, 4
 )
 def test_modo_cross_matrices_match_torchjd_over_steps(x64, k, p, gamma, rho):
     """Two correlated batches per step, rows of unequal scales, five steps."""
-    _references()
     rng = np.random.default_rng(k * p)
     scales = 10.0 ** rng.uniform(-1, 0.5, k)
     jacs_1 = [random_jacobian(100 * k + s, k, p, scales=scales) for s in range(5)]
@@ -99,7 +93,6 @@ def test_modo_cross_matrices_match_torchjd_over_steps(x64, k, p, gamma, rho):
 @pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_modo_edge_cases_match_torchjd(x64, case):
     """The edge cases as both batches (A = J J^T), three steps of gamma = 0.5."""
-    _references()
     jac = edge_jacobian(case, seed=3)
     ours, theirs, updates = _modo_run([jac] * 3, [jac] * 3, 0.5, 0.1)
     scale = max(1.0, float(np.abs(jac @ jac.T).max()) * 1e-12)
@@ -134,7 +127,6 @@ def _cr_mogm_run(jacs, inner, ref_inner, alpha, initial):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("inner", ["imtl_g", "sdmgrad"])
 def test_cr_mogm_matches_torchjd_over_steps(x64, inner, alpha, initial):
-    _references()
     k, p = 4, 200
     jacs = [random_jacobian(7 * s + 1, k, p, scales=[0.3, 1.0, 2.0, 5.0]) for s in range(5)]
     init = np.array([0.1, 0.2, 0.3, 0.4]) if initial else None

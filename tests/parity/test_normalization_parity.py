@@ -42,7 +42,7 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     torch_default_float64,
     tree_to_matrix,
@@ -348,13 +348,7 @@ def test_gradnorm_sequences_match_vambn(x64, sid, variant):
 # GradNorm against LibMTL (live).
 # ---------------------------------------------------------------------------
 
-torch = None
-
-
-def _libmtl():
-    global torch
-    torch = require_reference("torch")
-    return import_libmtl()
+torch = reference("torch")
 
 
 class _LibMTLGradNorm:
@@ -413,7 +407,7 @@ class _LibMTLGradNorm:
 
 def _compare_with_libmtl(jacs, losses, *, dtype=None, rtol=1e-12):
     """Runs both on the same steps; ``dtype`` casts mtl_optax's leaves (not LibMTL's)."""
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     k, p = jacs[0].shape
     reference = _LibMTLGradNorm(libmtl, k, p, losses[0])
     tx = gradnorm(alpha=reference.alpha, update_at=0, num_tasks=k)  # default optimizer
@@ -463,7 +457,7 @@ def test_gradnorm_matches_libmtl_over_steps(x64, seed, k, p):
 
 def test_gradnorm_defaults_are_libmtl_defaults():
     """alpha = 1.5 (LibMTL's config) and the optimizer of the LibMTL test above."""
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     args = libmtl.config.LibMTL_args.parse_args([])
     assert gradnorm.__defaults__[0] == args.alpha == 1.5
     assert (args.optim, args.lr, args.weight_decay) == ("adam", 1e-4, 1e-5)
@@ -500,7 +494,7 @@ def test_where_libmtl_differs_floors_and_negative_losses(x64):
       GradNorm loss, and torch's derivative of |NaN| is 0 (that task's residual
       sign is lost); mtl_optax clamps the ratio at 0 (target 0, sign +1).
     """
-    libmtl = _libmtl()
+    libmtl = import_libmtl()
     jac = random_jacobian(77, 3, 200, scales=[0.5, 1.0, 2.0])
     n = np.linalg.norm(jac, axis=1)
 

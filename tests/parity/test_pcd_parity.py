@@ -38,19 +38,14 @@ from .conftest import (
     assert_combination_close,
     edge_jacobian,
     jacobian_to_tree,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 RTOL = 1e-10
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
 
 
 @functools.cache
@@ -141,7 +136,6 @@ CASES = [
 )
 def test_random_conflicting_jacobians_match_torchjd_over_steps(x64, k, p, tau, beta):
     """Six seeds of four steps each, the EMA carried; at least one constraint binds."""
-    _references()
     active = 0
     for seed in range(6):
         weights = _compare(_conflicting(100 * k + seed, k, p, 4), tau=tau, beta=beta)
@@ -152,7 +146,6 @@ def test_random_conflicting_jacobians_match_torchjd_over_steps(x64, k, p, tau, b
 
 def test_vector_tau_matches_torchjd(x64):
     """One tau per secondary task (K = 5), six seeds of four steps."""
-    _references()
     taus = np.array([0.0, 0.05, 0.4, 0.9])
     for seed in range(6):
         _compare(_conflicting(7 + seed, 5, 40, 4), tau=taus, beta=0.9)
@@ -161,7 +154,6 @@ def test_vector_tau_matches_torchjd(x64):
 def test_infeasible_and_non_finite_steps_match_torchjd(x64):
     """Two opposite secondary tasks (infeasible: w = e_1 on both sides) and a NaN step in the
     middle of a run (NaN on both sides, both EMAs unchanged: the next steps still agree)."""
-    _references()
     jacs = _conflicting(3, 3, 301, 5)
     jacs[1] = jacs[1].copy()
     jacs[1][2] = -2.0 * jacs[1][1]
@@ -174,7 +166,6 @@ def test_infeasible_and_non_finite_steps_match_torchjd(x64):
 @pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_edge_cases_match_torchjd(x64, case):
     """The edge cases of the issue, three steps each, tau = 0.02 and tau = 0.5."""
-    _references()
     jac = edge_jacobian(case, seed=5)
     for tau in (0.02, 0.5):
         _compare([jac, 0.5 * jac, jac], tau=tau, beta=0.9)
@@ -182,7 +173,6 @@ def test_edge_cases_match_torchjd(x64, case):
 
 def test_k40_p1e5_matches_torchjd(x64):
     """K = 40, P = 1e5: two steps; most constraints bind."""
-    _references()
     jacs = _conflicting(40, 40, 100_000, 2)
     weights = _compare(jacs, tau=0.05)
     assert np.count_nonzero(weights[-1][1:]) > 10

@@ -54,6 +54,7 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
+    reference,
     require_reference,
     to_numpy,
     torch_default_float64,
@@ -63,15 +64,8 @@ from .conftest import (
 
 RTOL = 1e-10  # relative to sum_k |w_k| |J_kj| (see the module docstring).
 
-# Imported in each test (see test_basic_parity.py): a missing reference then
-# skips locally / fails with CI=true, test by test.
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 # ---------------------------------------------------------------------------
@@ -251,7 +245,6 @@ EDGE_CASES = ("K1", "identical", "opposite", "orthogonal", "collinear", "zero_ta
 
 @pytest.mark.parametrize(("seed", "k", "p"), CASES, ids=CASE_IDS)
 def test_pcgrad_matches_torchjd(x64, seed, k, p):
-    _references()
     jac = random_jacobian(seed, k, p)
     update, state, orders = _ours(pcgrad(key=seed), jac)
     expected, weights = _torchjd(aggregation.PCGrad(), jac, _torchjd_pcgrad_perms(orders))
@@ -261,7 +254,6 @@ def test_pcgrad_matches_torchjd(x64, seed, k, p):
 
 @pytest.mark.parametrize("case", EDGE_CASES)
 def test_pcgrad_edge_cases_match_torchjd_libmtl_conflictfree(x64, case):
-    _references()
     cf = require_reference("conflictfree.grad_operator")
     jac = _edge_case(case)
     k = jac.shape[0]
@@ -293,7 +285,6 @@ def test_pcgrad_exact_values_on_edge_cases(x64):
 
 
 def test_pcgrad_k40_p1e5_matches_torchjd(x64):
-    _references()
     jac = random_jacobian(4040, 40, 100_000)
     update, _, orders = _ours(pcgrad(key=40), jac)
     expected, weights = _torchjd(aggregation.PCGrad(), jac, _torchjd_pcgrad_perms(orders))
@@ -301,7 +292,6 @@ def test_pcgrad_k40_p1e5_matches_torchjd(x64):
 
 
 def test_pcgrad_mean_reduction_is_torchjd_over_k(x64):
-    _references()
     jac = random_jacobian(3, 5, 200)
     update, _, orders = _ours(pcgrad(key=2, reduction="mean"), jac)
     expected, weights = _torchjd(aggregation.PCGrad(), jac, _torchjd_pcgrad_perms(orders))
@@ -318,7 +308,6 @@ LIB_IDS = [f"s{s}-K{k}-P{p}" for s, k, p in LIB_CASES]
 
 @pytest.mark.parametrize(("seed", "k", "p"), LIB_CASES, ids=LIB_IDS)
 def test_pcgrad_matches_libmtl(x64, seed, k, p):
-    _references()
     jac = random_jacobian(seed, k, p)
     update, state, orders = _ours(pcgrad(key=seed), jac)
     expected, weights = _libmtl_step(
@@ -331,7 +320,6 @@ def test_pcgrad_matches_libmtl(x64, seed, k, p):
 
 @pytest.mark.parametrize(("seed", "k", "p"), LIB_CASES, ids=LIB_IDS)
 def test_pcgrad_natural_order_matches_conflictfree(x64, seed, k, p):
-    _references()
     cf = require_reference("conflictfree.grad_operator")
     jac = random_jacobian(seed, k, p)
     _, update, weights = _pcgrad_replay(jac, _natural_orders(k))
@@ -349,7 +337,6 @@ def test_libmtl_pcgrad_self_projection_quirk(x64):
     vambn) stop at (-0.0446, 0.4455). With task 0 first the self-comparison is
     a no-op and LibMTL agrees with the paper.
     """
-    _references()
     jac = np.array([[1.0, 0.0], [-1.0, 1.0], [-1.0, -0.1]])
     orders = np.array([[1, 2], [0, 2], [0, 1]])
     per_task, update, weights = _pcgrad_replay(jac, orders)
@@ -381,7 +368,6 @@ def test_low_precision_leaves_match_float64_reference(x64, method, dtype, rtol):
     The reference runs in float64 on the same (rounded) inputs, so the
     difference is the float32 accumulation (and the bfloat16 output rounding).
     """
-    _references()
     k, p = 5, 1000
     jac = np.array(jnp.asarray(random_jacobian(55, k, p), dtype).astype(jnp.float64))
     tree = jax.tree_util.tree_map(lambda x: x.astype(dtype), jacobian_to_tree(jac))
@@ -435,7 +421,6 @@ GV_IDS = [f"s{s}-K{k}-P{p}-beta{b}" for s, k, p, b in GV_CASES]
 @pytest.mark.parametrize(("seed", "k", "p", "beta"), GV_CASES, ids=GV_IDS)
 def test_gradvac_steps_match_torchjd(x64, seed, k, p, beta):
     """Four consecutive steps on one state; TorchJD with eps=0 (mtl_optax adds no eps)."""
-    _references()
     tx = gradvac(beta=beta, key=seed, num_tasks=k)
     state = _check_gradvac_steps(
         _sequence(seed, k, p, 4), tx, aggregation.GradVac(beta=beta, eps=0.0)
@@ -451,7 +436,6 @@ def test_gradvac_default_torchjd_eps_is_negligible_at_unit_scale_only(x64):
     the cosine (1e-12 / (1e-12 + 1e-8)), so TorchJD's update differs from the
     definition (no eps) by a large fraction.
     """
-    _references()
     k, p = 3, 1000
     tx = gradvac(key=3, num_tasks=k)
     _check_gradvac_steps(_sequence(9, k, p, 3), tx, aggregation.GradVac(), rtol=1e-8, phi_atol=1e-8)
@@ -473,7 +457,6 @@ def test_gradvac_edge_cases_match_torchjd_and_libmtl(x64, case):
     With its default eps = 1e-8 that cosine is 0, the convention here, and the
     remaining difference is the eps itself: rtol 1e-8.
     """
-    _references()
     jac = _edge_case(case)
     k = jac.shape[0]
     tx = gradvac(key=2, num_tasks=k)
@@ -518,7 +501,6 @@ def test_gradvac_edge_cases_match_torchjd_and_libmtl(x64, case):
 def test_torchjd_gradvac_without_eps_poisons_its_targets_with_nan(x64, case):
     """TorchJD's GradVac(eps=0) takes 0/0 for the cosine with a zero vector: NaN
     targets, kept for ever by the EMA. Ours takes that cosine as 0 and stays finite."""
-    _references()
     jac = _edge_case(case)
     k = jac.shape[0]
     tx = gradvac(key=2, num_tasks=k)
@@ -537,7 +519,6 @@ def test_torchjd_gradvac_without_eps_poisons_its_targets_with_nan(x64, case):
 def test_libmtl_gradvac_nan_when_the_cosine_rounds_below_minus_one(x64):
     """LibMTL's sqrt(1 - cos^2) is NaN when the cosine of g and -g rounds below -1
     (vambn raises there): its update is NaN; ours is exactly 0, the exact result."""
-    _references()
     jac = _anti_collinear_rounding_below_minus_one()
     update, _, orders = _ours(gradvac(num_tasks=2), jac)
     expected, _ = _libmtl_step(_libmtl_weighting("GradVac"), jac, orders, beta=0.5)
@@ -561,7 +542,6 @@ def _anti_collinear_rounding_below_minus_one():
 
 
 def test_gradvac_k40_p1e5_matches_torchjd(x64):
-    _references()
     jacs = _sequence(4041, 40, 100_000, 2)
     tx = gradvac(key=41, num_tasks=40)
     _check_gradvac_steps(jacs, tx, aggregation.GradVac(eps=0.0))
@@ -574,7 +554,6 @@ def test_gradvac_k40_p1e5_matches_torchjd(x64):
 
 @pytest.mark.parametrize(("seed", "k", "p"), LIB_CASES, ids=LIB_IDS)
 def test_gradvac_first_step_matches_libmtl(x64, seed, k, p):
-    _references()
     jac = random_jacobian(seed, k, p)
     update, state, orders = _ours(gradvac(key=seed, num_tasks=k), jac)
     expected, weights = _libmtl_step(_libmtl_weighting("GradVac"), jac, orders, beta=0.5)
@@ -589,7 +568,6 @@ def test_libmtl_gradvac_updates_the_ema_only_after_a_correction(x64):
     it corrected (cosine < 0) and stay 0 on the others, where ours are
     beta * cosine > 0. On the second step the updates then differ.
     """
-    _references()
     k, p = 5, 1000
     jacs = _sequence(77, k, p, 2)
     tx = gradvac(beta=0.5, key=7, num_tasks=k)

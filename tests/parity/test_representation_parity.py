@@ -38,16 +38,10 @@ import mtl_optax
 from mtl_optax._mgda_ub import mgda_ub
 from mtl_optax.representation import rep_grad
 
-from .conftest import import_libmtl, require_reference, to_numpy, torch_default_float64
+from .conftest import import_libmtl, reference, to_numpy, torch_default_float64
 
-torch = None
+torch = reference("torch")
 DIN, B, D = 3, 8, 5
-
-
-def _torch():
-    global torch
-    torch = require_reference("torch")
-    return torch
 
 
 def _weights(seed, k):
@@ -151,7 +145,6 @@ def _assert_grads_close(ours, ref, rtol):
 @pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
 @pytest.mark.parametrize(("seed", "k"), [(0, 2), (1, 2), (2, 3), (3, 3)])
 def test_mgda_ub_matches_libmtl_mgda_rep_grad(x64, normalization, seed, k):
-    _torch()
     data = _weights(seed, k)
     ref_losses, ref, sol = _libmtl_step("MGDA", data, k, mgda_gn=normalization)
     losses, ours, _, state = _ours(mgda_ub(normalization, batch_axes=0, num_tasks=k), data)
@@ -172,7 +165,6 @@ def test_mgda_ub_matches_libmtl_mgda_rep_grad(x64, normalization, seed, k):
 
 @pytest.mark.parametrize(("seed", "k", "leak"), [(4, 2, 0.0), (5, 3, 0.2), (6, 4, 0.5)])
 def test_graddrop_matches_libmtl_graddrop_rep_grad(x64, monkeypatch, seed, k, leak):
-    _torch()
     data = _weights(seed, k)
     method = mtl_optax.graddrop(leakage=leak, key=seed, batch_axes=0, num_tasks=k)
     losses, ours, state, _ = _ours(method, data)
@@ -208,7 +200,6 @@ def test_graddrop_activation_sign_matches_libmtl_on_a_signed_representation(
     ``graddrop(batch_axes=0, activation_sign=True)`` equals LibMTL to 1e-10;
     without ``activation_sign`` (vambn's statistic) the result differs.
     """
-    _torch()
     data = dict(_weights(seed, k), act="tanh")
     method = mtl_optax.graddrop(
         leakage=leak, key=seed, batch_axes=0, num_tasks=k, activation_sign=True

@@ -33,18 +33,13 @@ from .conftest import (
     edge_jacobian,
     jacobian_to_tree,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 _STEPS: dict = {}
@@ -118,14 +113,12 @@ KRUM_CASES = [
     ("k", "p", "f", "m"), KRUM_CASES, ids=[f"K{c[0]}-P{c[1]}-f{c[2]}-m{c[3]}" for c in KRUM_CASES]
 )
 def test_krum_random_jacobians_match_torchjd(x64, k, p, f, m):
-    _references()
     for seed in range(3):
         _check_krum(random_jacobian(17 * k + seed, k, p), f, m)
 
 
 def test_krum_with_byzantine_rows_selects_an_honest_one_as_torchjd(x64):
     """Honest rows near a common gradient, f adversarial rows far away."""
-    _references()
     rng = np.random.default_rng(5)
     center = rng.standard_normal(400)
     honest = center + 0.1 * rng.standard_normal((7, 400))
@@ -139,7 +132,6 @@ def test_krum_with_byzantine_rows_selects_an_honest_one_as_torchjd(x64):
 @pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_krum_edge_cases_match_torchjd(x64, case):
     """With K = 3 (f = 0) as TorchJD; both raise for K < n_byzantine + 3."""
-    _references()
     jac = edge_jacobian(case, seed=41)
     if jac.shape[0] < 3:
         with pytest.raises(ValueError, match="at least"):
@@ -154,7 +146,6 @@ def test_krum_edge_cases_match_torchjd(x64, case):
 
 
 def test_krum_k40_p1e5_matches_torchjd(x64):
-    _references()
     _check_krum(random_jacobian(403, 40, 100_000), 15, 5)
 
 
@@ -191,7 +182,6 @@ TRIM_CASES = [
     ("k", "p", "t"), TRIM_CASES, ids=[f"K{c[0]}-P{c[1]}-t{c[2]}" for c in TRIM_CASES]
 )
 def test_trimmed_mean_random_jacobians_match_torchjd(x64, k, p, t):
-    _references()
     for seed in range(2):
         jac = random_jacobian(19 * k + seed, k, p)
         jac[:, :10] = np.round(jac[:, :10])  # ties within a coordinate
@@ -200,7 +190,6 @@ def test_trimmed_mean_random_jacobians_match_torchjd(x64, k, p, t):
 
 @pytest.mark.parametrize("case", EDGE_CASE_NAMES)
 def test_trimmed_mean_edge_cases_match_torchjd(x64, case):
-    _references()
     jac = edge_jacobian(case, seed=43)
     for t in range((jac.shape[0] - 1) // 2 + 1):
         _check_trimmed(jac, t)
@@ -212,14 +201,12 @@ def test_trimmed_mean_edge_cases_match_torchjd(x64, case):
 
 
 def test_trimmed_mean_k40_p1e5_matches_torchjd(x64):
-    _references()
     _check_trimmed(random_jacobian(405, 40, 100_000), 8)
 
 
 def test_trimmed_mean_non_finite_coordinates_are_nan_where_torchjd_trims_them(x64):
     """The library's convention (a non-finite input gives a non-finite update) against
     TorchJD's sort, which puts NaN above +inf and trims both with the largest values."""
-    _references()
     jac = random_jacobian(77, 5, 40)
     jac[1, 0], jac[2, 1], jac[3, 2] = np.nan, np.inf, -np.inf
     update = _trimmed_mtl(jac, 1)

@@ -70,18 +70,13 @@ from .conftest import (
     jacobian_to_tree,
     params_like,
     random_jacobian,
-    require_reference,
+    reference,
     to_numpy,
     tree_to_vector,
 )
 
-torch = aggregation = None
-
-
-def _references():
-    global torch, aggregation
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
 
 
 BASE_ATOL = 1e-10  # weights (entries in [0, 1]); plus the reference's spread.
@@ -192,7 +187,6 @@ CASES = [(10 * k + i, k, p) for k in (2, 3, 5, 10) for i, p in enumerate((100, 1
 @pytest.mark.parametrize(("seed", "k", "p"), CASES, ids=[f"s{s}-K{k}-P{p}" for s, k, p in CASES])
 def test_stochastic_form_matches_torchjd_over_six_steps(x64, seed, k, p):
     """Three independent batches per step: A = J1 J2^T, weights applied to J3."""
-    _references()
     history, spreads, _ = _check_steps(_stochastic_steps(seed, k, p), jit=(p == 1000))
     # The warm start matters: the weights change from step to step.
     assert np.ptp(history, axis=0).max() > 1e-3
@@ -203,7 +197,6 @@ def test_stochastic_form_matches_torchjd_over_six_steps(x64, seed, k, p):
 @pytest.mark.parametrize("k", [2, 3, 5, 10])
 def test_deterministic_form_matches_torchjd_gramian_over_six_steps(x64, k):
     """Without cross_gramian: TorchJD on J J^T of the combined gradients."""
-    _references()
     steps = [(None, None, random_jacobian(500 + 10 * k + t, k, 400)) for t in range(6)]
     _check_steps(steps)
 
@@ -228,7 +221,6 @@ EXPANSIVE = {
 @pytest.mark.parametrize("name", CONTRACTIVE)
 def test_contractive_hyperparameters_follow_torchjd_trajectory(x64, name):
     """Both sides run 6 steps independently; every step agrees to 1e-10 (+ spread)."""
-    _references()
     for steps in (
         _stochastic_steps(7, 4, 200),
         [(None, None, j3) for _, _, j3 in _stochastic_steps(8, 4, 200)],
@@ -239,14 +231,12 @@ def test_contractive_hyperparameters_follow_torchjd_trajectory(x64, name):
 
 @pytest.mark.parametrize("name", EXPANSIVE)
 def test_other_hyperparameters_match_torchjd(x64, name):
-    _references()
     _check_steps(_stochastic_steps(9, 4, 200), EXPANSIVE[name])
 
 
 @pytest.mark.parametrize("name", ["defaults", *CONTRACTIVE, *EXPANSIVE])
 def test_pure_rule_matches_torchjd_on_the_same_matrix(x64, name):
     """sdmgrad_weights and SDMGradWeighting fed the very same float64 matrices."""
-    _references()
     hp = {**CONTRACTIVE, **EXPANSIVE}.get(name, {})
     rng = np.random.default_rng(len(name))
     inner = np.full(4, 0.25)
@@ -262,7 +252,6 @@ def test_pure_rule_matches_torchjd_on_the_same_matrix(x64, name):
 
 
 def test_cross_gramian_matches_torch_product(x64):
-    _references()
     j1, j2 = random_jacobian(1, 5, 1234), random_jacobian(2, 5, 1234)
     ours = np.asarray(cross_gramian(jacobian_to_tree(j1), jacobian_to_tree(j2)))
     theirs = to_numpy(torch.from_numpy(j1) @ torch.from_numpy(j2).T)
@@ -305,7 +294,6 @@ EDGE = (
 @pytest.mark.parametrize("case", EDGE)
 def test_edge_cases_match_torchjd_deterministic(x64, case):
     """The same Jacobian five times: the warm start is exercised on a fixed problem."""
-    _references()
     jac = _edge_jacobian(case)
     history, spreads, ours = _check_steps([(None, None, jac)] * 5)
     assert np.all(np.isfinite(history))
@@ -329,7 +317,6 @@ def test_edge_cases_match_torchjd_deterministic(x64, case):
 @pytest.mark.parametrize("case", ["K1", "opposite", "zero_task", "magnitudes_1e-8_1_1e4"])
 def test_edge_cases_match_torchjd_stochastic(x64, case):
     """The edge Jacobian as J3, with J1 and J2 noisy copies of it."""
-    _references()
     jac = _edge_jacobian(case)
     rng = np.random.default_rng(3)
     noisy = lambda: jac * (1 + 0.3 * rng.standard_normal(jac.shape))
@@ -338,7 +325,6 @@ def test_edge_cases_match_torchjd_stochastic(x64, case):
 
 def test_cross_matrix_with_negative_diagonal_matches_torchjd(x64):
     """J2 ~ -J1: every A_kk < 0, so the clamp at 0 and the 1e-8 floor set the scale."""
-    _references()
     rng = np.random.default_rng(5)
     steps = []
     for _ in range(5):
@@ -356,7 +342,6 @@ def test_cross_matrix_with_one_negative_diagonal_entry_matches_torchjd(x64):
     for the first calls, where they depend on the scale: the mean of
     sqrt(|A_kk|) instead of the clamp would give weights about 0.05 away.
     """
-    _references()
     rng = np.random.default_rng(1)
     steps = []
     for _ in range(5):
@@ -371,7 +356,6 @@ def test_cross_matrix_with_one_negative_diagonal_entry_matches_torchjd(x64):
 
 
 def test_large_k40_p1e5_matches_torchjd(x64):
-    _references()
     k, p = 40, 100_000
     j3 = random_jacobian(99, k, p)
     steps = [
@@ -451,7 +435,6 @@ def test_low_precision_leaves_match_float64_reference_contractive(dtype, seed, k
     is compared with ``weights @ J`` at the weights' tolerance plus the
     rounding of the output leaves.
     """
-    _references()
     hp = dict(lr=0.5)
     rng = np.random.default_rng(seed)
     steps = [_representable(rng.standard_normal((k, 300)), dtype) for _ in range(5)]
@@ -475,7 +458,6 @@ def test_low_precision_leaves_match_float64_reference_defaults(dtype, seed, k):
     (``_float32_spread``); observed errors are at most 1.3 times ``spread``.
     One step from a fresh state.
     """
-    _references()
     jac = _representable(np.random.default_rng(100 + seed).standard_normal((k, 300)), dtype)
     ((ours_w, update, ref_w, gram),) = list(_low_precision_run(dtype, [jac], {}))
     tol = 1e-6 + 4 * _float32_spread(gram, {}, seed)
@@ -484,7 +466,6 @@ def test_low_precision_leaves_match_float64_reference_defaults(dtype, seed, k):
 
 
 def test_registry_builds_the_same_method(x64):
-    _references()
     jac = random_jacobian(3, 3, 50)
     tx = mtl_optax.get("sdmgrad", num_tasks=3, lambda_=0.5, lr=1.0)
     params = params_like(jacobian_to_tree(jac))

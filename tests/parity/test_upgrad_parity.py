@@ -30,6 +30,7 @@ from .conftest import (
     edge_jacobian,
     jacobian_to_tree,
     random_jacobian,
+    reference,
     require_reference,
     to_numpy,
     tree_to_vector,
@@ -37,19 +38,14 @@ from .conftest import (
 
 TORCHJD_EPS = {"norm_eps": 1e-4, "reg_eps": 1e-4}  # TorchJD's QuadprogProjector defaults
 
-torch = aggregation = linalg = None
-
-
-def _references():
-    global torch, aggregation, linalg
-    torch = require_reference("torch")
-    aggregation = require_reference("torchjd.aggregation")
-    linalg = require_reference("torchjd.linalg")
-    require_reference("quadprog")
+torch = reference("torch")
+aggregation = reference("torchjd.aggregation")
+linalg = reference("torchjd.linalg")
 
 
 def _torchjd(name, jac, *, pref=None, norm_eps=1e-4, reg_eps=1e-4):
     """TorchJD's update and weights on ``jac`` (float64 tensors)."""
+    require_reference("quadprog")  # the solver of TorchJD's QuadprogProjector
     jac_t = torch.from_numpy(jac)
     pref_t = None if pref is None else torch.tensor(pref, dtype=torch.float64)
     projector = linalg.QuadprogProjector(norm_eps=norm_eps, reg_eps=reg_eps)
@@ -107,7 +103,6 @@ CASES = [(2, 300), (3, 2000), (5, 1000), (10, 700), (10, 6), (25, 400)]
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 @pytest.mark.parametrize(("k", "p"), CASES, ids=[f"K{k}-P{p}" for k, p in CASES])
 def test_random_jacobians_match_torchjd(x64, name, k, p):
-    _references()
     for seed in range(3):
         jac = random_jacobian(7 * k + seed, k, p) if seed < 2 else _conflicting(seed, k, p)
         update, weights = _mtl(name, jac, **TORCHJD_EPS)
@@ -118,7 +113,6 @@ def test_random_jacobians_match_torchjd(x64, name, k, p):
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_preference_vector_and_other_epsilons_match_torchjd(x64, name):
-    _references()
     k, p = 6, 500
     pref = [0.5, 1.0, 2.0, 0.1, 0.0, 1.5]
     for seed, eps in enumerate(
@@ -142,7 +136,6 @@ def test_edge_cases_match_torchjd(x64, name, case):
     is a 1e-24 fraction of the trace, and its weight is what the regularised
     problem gives it on both sides.
     """
-    _references()
     jac = edge_jacobian(case, seed=31)
     update, weights = _mtl(name, jac, **TORCHJD_EPS)
     ref_update, ref_weights = _torchjd(name, jac)
@@ -152,7 +145,6 @@ def test_edge_cases_match_torchjd(x64, name, case):
 
 
 def test_k40_p1e5_matches_torchjd(x64):
-    _references()
     jac = _conflicting(400, 40, 100_000)
     for name in ("upgrad", "dualproj"):
         update, weights = _mtl(name, jac, **TORCHJD_EPS)
@@ -170,7 +162,6 @@ def test_where_torchjd_defaults_differ_small_jacobians_get_the_mean(x64, name):
     reproduces it, and its default (``norm_eps = 0``) still projects: the
     direction is that of the unscaled problem and conflicts with no task.
     """
-    _references()
     jac = _conflicting(5, 4, 50)
     small = jac * 1e-3 / np.linalg.norm(jac)
     mean = small.mean(axis=0)
@@ -195,7 +186,6 @@ def test_where_torchjd_defaults_differ_its_regularisation_leaves_small_conflicts
     order ``reg_eps * tr(G) * w``, which mtl_optax with the same epsilons
     reproduces and its default removes.
     """
-    _references()
     rng = np.random.default_rng(8)
     basis = rng.standard_normal((2, 40))
     jac = np.array([[1.0, 0.0], [-0.9, 0.5], [0.2, -1.0]]) @ basis
