@@ -240,8 +240,8 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 # called on the same J at every repeat.
                 "pcd": A.PCD,
                 # Stateful like mtl_optax's (K x P squared-gradient sums), called
-                # on the same J at every repeat.
-                "excess_mtl": A.ExcessMTL,
+                # on the same J at every repeat; with mtl_optax's default warmup.
+                "excess_mtl": lambda: A.ExcessMTL(n_warmup_steps=1),
                 "cr_mogm": lambda: A.GramianWeightedAggregator(
                     A.CRMOGMWeighting(A.MGDAWeighting())
                 ),

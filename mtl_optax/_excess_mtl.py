@@ -74,7 +74,7 @@ def _excess_risks(updates: Any, sums: Any, dtype: Any) -> tuple[jax.Array, Any]:
 @register("excess_mtl")
 def excess_mtl(
     robust_step_size: float = 1.0,
-    n_warmup_steps: int = 0,
+    n_warmup_steps: int = 1,
     num_tasks: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ExcessMTL: exponentiated-gradient task weights from estimated excess risks.
@@ -103,17 +103,24 @@ def excess_mtl(
     * during the first ``n_warmup_steps`` steps the weights stay
       :math:`\tfrac1K` (the update is the mean) and :math:`e_t` is summed;
       at the next step :math:`b` is their mean, and that step and every later
-      one take the weight step above (the paper's Appendix C.1 suggests three
-      epochs of warmup);
-    * with ``n_warmup_steps=0`` (the default) :math:`b = e_1`, and the first
-      step takes :math:`\alpha_1 = \mathrm{softmax}(\log \alpha_0 + \eta\,
-      e_1)` with :math:`e_1` unscaled; later steps divide by :math:`b`.
+      one take the weight step above. With the default
+      ``n_warmup_steps=1`` the first step sets :math:`b = e_1` and keeps the
+      weights uniform, which is the scale processing applied from the first
+      step on (:math:`e_1 / b = 1` for every task moves no weight) and what
+      the official code and LibMTL do at their first call; the paper's
+      Appendix C.1 suggests three epochs of warmup;
+    * with ``n_warmup_steps=0`` (TorchJD 0.18's default) :math:`b = e_1`,
+      and the first step takes :math:`\alpha_1 = \mathrm{softmax}(\log
+      \alpha_0 + \eta\, e_1)` with :math:`e_1` *unscaled*; later steps divide
+      by :math:`b`.
 
-    The first step's weights depend on the gradients' scale (with unit rows
-    :math:`e_1 \approx \|g_k\|_1`, and a large scale makes the softmax pick
-    the largest task), so the update is not positively homogeneous in the
-    task gradients; from the second step on, scaling every gradient by
-    :math:`c` scales :math:`e_t` and :math:`b` alike.
+    From the step that sets :math:`b` on, scaling every gradient by
+    :math:`c` scales :math:`e_t` and :math:`b` alike, so the weights do not
+    depend on the gradients' scale and the update is positively homogeneous
+    in them. TorchJD's first step is the exception: its weights depend on
+    the scale (with unit rows :math:`e_1 \approx \|g_k\|_1`, and a large
+    scale makes the softmax pick the largest task, whose weight the later
+    steps then cannot take back when the others' underflow to 0).
 
     Edge cases (all finite for finite input): ``K = 1`` gives weight 1; a
     task whose baseline is 0 (its first gradients were zero) and whose
@@ -143,8 +150,11 @@ def excess_mtl(
       robust_step_size: :math:`\eta > 0`, the weights' step size (default
         1.0, TorchJD's ``ExcessMTL`` default). May be scheduled with
         ``optax.inject_hyperparams``.
-      n_warmup_steps: the number of warmup steps, an int ``>= 0`` (default 0,
-        TorchJD's default, which matches the official code's baseline).
+      n_warmup_steps: the number of warmup steps, an int ``>= 0`` (default 1:
+        the first step sets the baseline and keeps the weights uniform, as
+        the official code's and LibMTL's first call; 0 is TorchJD 0.18's
+        default, whose first step moves the weights by the unscaled excess
+        risks; see *Differences from the references*).
       num_tasks: ``K``, required: the state holds the ``K x P`` sums from
         ``init`` on.
 
@@ -167,19 +177,20 @@ def excess_mtl(
       >>> state = tx.init(params)
       >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
       >>> u, state = tx.update(g, state, params)
-      >>> state.weights  # softmax(log(1/2) + e), e ~ (1, 2): the baseline is set
-      Array([0.26894143, 0.7310586 ], dtype=float32)
+      >>> u["w"], state.weights  # the baseline e ~ (1, 2) is set: the mean
+      (Array([0.5, 1. ], dtype=float32), Array([0.5, 0.5], dtype=float32))
       >>> u, state = tx.update(g, state, params)  # e = (1, 2) / sqrt(2): equal after scaling
-      >>> state.weights
-      Array([0.26894143, 0.7310586 ], dtype=float32)
+      >>> [round(float(x), 4) for x in state.weights]
+      [0.5, 0.5]
       >>> g = {"w": jnp.array([[3.0, 0.0], [0.0, 2.0]])}  # e / b = (9 / sqrt(11), 2 / sqrt(12))
       >>> u, state = tx.update(g, state, params)
       >>> [round(float(x), 4) for x in state.weights]
-      [0.757, 0.243]
-      >>> warm = mtl_optax.excess_mtl(n_warmup_steps=2, num_tasks=2)
-      >>> u, s = warm.update(g, warm.init(params), params)
-      >>> u["w"], s.weights  # warmup: the mean
-      (Array([1.5, 1. ], dtype=float32), Array([0.5, 0.5], dtype=float32))
+      [0.8944, 0.1056]
+      >>> torchjd_rule = mtl_optax.excess_mtl(n_warmup_steps=0, num_tasks=2)
+      >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+      >>> u, s = torchjd_rule.update(g, torchjd_rule.init(params), params)
+      >>> s.weights  # softmax(log(1/2) + e): the unscaled first step
+      Array([0.26894143, 0.7310586 ], dtype=float32)
 
     References:
       He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi and Zhao, `Robust Multi-Task Learning with Excess Risks
@@ -191,17 +202,28 @@ def excess_mtl(
       LibMTL's ``ExcessMTL`` (main branch, not in LibMTL 1.1.5).
 
     Differences from the references:
-      The rule is TorchJD's. The official code and LibMTL start from weights
-      1 and renormalise them to sum to ``K`` (the update is then ``K`` times
-      this one); they leave the weights unchanged at the first call (only the
-      baseline is set, so the first update is the sum of the task gradients,
-      where TorchJD and this method take a step with the unscaled excess
-      risks), have no warmup, and divide by the baseline without the
-      :math:`10^{-7}`, which gives inf and NaN weights for a task whose first
-      gradient is zero. They also read only the shared parameters' gradients
-      (or the representation's, with LibMTL's ``rep_grad``); here every leaf
-      of the task gradients counts. Numerics, where TorchJD would return NaN
-      or inf: the terms are computed as :math:`|g| \cdot (|g| /
+      For the same ``n_warmup_steps`` the rule is TorchJD's, but the
+      default is 1 where TorchJD's is 0. TorchJD documents its 0 as the
+      behaviour of the official implementation and LibMTL, but their first
+      call only sets the baseline and leaves the weights unchanged, while
+      TorchJD's takes a step with the unscaled excess risks. That step
+      undoes the paper's scale processing where it matters: with tasks of
+      different loss scales the softmax puts all the weight on the task of
+      the largest gradients, and the others' weights, underflowed to 0,
+      stay 0 (``examples/demo.py``, targets on scales 1, 10 and 0.1: the
+      smallest task's test error ends at about 150 times its target's
+      variance with ``n_warmup_steps=0``, 0.75 times with the default). So
+      the default follows the paper and the official code, and
+      ``n_warmup_steps=0`` gives TorchJD's default; both are tested live
+      against TorchJD with the same ``n_warmup_steps``. The official code
+      and LibMTL also start from weights 1 and renormalise them to sum to
+      ``K`` (the update is then ``K`` times this one), have no warmup
+      beyond that first call, and divide by the baseline without the
+      :math:`10^{-7}`, which gives inf and NaN weights for a task whose
+      first gradient is zero. They also read only the shared parameters'
+      gradients (or the representation's, with LibMTL's ``rep_grad``); here
+      every leaf of the task gradients counts. Numerics, where TorchJD would
+      return NaN or inf: the terms are computed as :math:`|g| \cdot (|g| /
       \sqrt{S + 10^{-7}})` (the same in exact arithmetic, a rounding apart),
       so a coordinate whose squared gradient or sum of squares overflows
       (float32: entries from about 1.8e19) contributes 0 instead of NaN; the

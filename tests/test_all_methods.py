@@ -195,10 +195,6 @@ NOT_HOMOGENEOUS = {
     # lambda - gamma * A lambda: gamma has the units of 1 / |g|^2, as in the
     # paper and TorchJD (tests/test_modo.py checks the c^2 law).
     "modo",
-    # The first step's softmax(log(1/K) + eta * e) takes the unscaled excess
-    # risks e ~ |g_k|_1 (TorchJD's baseline rule): large gradients saturate it
-    # (tests/test_excess_mtl.py checks the scale invariance from step 2 on).
-    "excess_mtl",
 }
 
 

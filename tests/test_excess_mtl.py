@@ -3,7 +3,8 @@
 Parity with TorchJD is in tests/parity/test_excess_mtl_parity.py. Here the
 steps are checked against a float64 NumPy loop written from the paper's
 equations (the multiplicative exponentiated-gradient step, normalised, rather
-than the log-space softmax), the warmup and the baseline, the weights staying
+than the log-space softmax) and against the official code's rule (the
+default, up to its factor K), the warmup and the baseline, the weights staying
 on the simplex, the scale invariance from the baseline on, the state's dtypes,
 the edge cases of the issue tracker (all finite), non-finite input, jit, vmap,
 ``optax.inject_hyperparams`` and the errors.
@@ -41,7 +42,9 @@ def _params(dtype=None):
 def paper_steps(jacs, eta, n_warmup):
     """The paper's rule (Eqs. 6, 7, 9 and the scale processing), float64, step by step.
 
-    Returns the weights and the update of every step.
+    ``n_warmup = 0`` is TorchJD's variant: the step that sets the baseline
+    moves the weights by the unscaled excess risks. Returns the weights and
+    the update of every step.
     """
     k, p = jacs[0].shape
     s = np.zeros((k, p))
@@ -74,12 +77,12 @@ def _jacs(seed, k, steps, scales=None, p=13):
 
 
 @functools.cache
-def _method(k, eta=1.0, n_warmup=0):
+def _method(k, eta=1.0, n_warmup=1):
     tx = mtl_optax.excess_mtl(robust_step_size=eta, n_warmup_steps=n_warmup, num_tasks=k)
     return tx, jax.jit(tx.update)
 
 
-def _run(jacs, eta=1.0, n_warmup=0, dtype=None):
+def _run(jacs, eta=1.0, n_warmup=1, dtype=None):
     """Our (weights, update vector, state) after every step, jitted once per setting."""
     k = jacs[0].shape[0]
     tx, step = _method(k, eta, n_warmup)
@@ -92,13 +95,15 @@ def _run(jacs, eta=1.0, n_warmup=0, dtype=None):
     return out
 
 
-@pytest.mark.parametrize(("eta", "n_warmup"), [(1.0, 0), (0.3, 0), (1.0, 2), (0.3, 2)])
+@pytest.mark.parametrize(
+    ("eta", "n_warmup"), [(1.0, 0), (0.3, 0), (1.0, 1), (0.3, 1), (1.0, 2), (0.3, 2)]
+)
 def test_steps_follow_the_papers_equations(x64, eta, n_warmup):
     """Six steps, K = 3 tasks of scales 0.3, 1, 4: weights and update at 1e-12 (relative).
 
-    The first two steps (n_warmup_steps=0: the unscaled step, then the first
-    scaled one; with warmup: the uniform weights) are the closed-form check;
-    the rest carries the state.
+    The first two steps (n_warmup_steps=0, TorchJD's default: the unscaled
+    step, then the first scaled one; with warmup, 1 by default: the uniform
+    weights) are the closed-form check; the rest carries the state.
     """
     jacs = _jacs(0, 3, 6, scales=[0.3, 1.0, 4.0])
     ours = _run(jacs, eta, n_warmup)
@@ -113,13 +118,60 @@ def test_steps_follow_the_papers_equations(x64, eta, n_warmup):
     assert np.abs(ours[-1][0] - 1 / 3).max() > 0.05
 
 
-def test_first_step_is_the_softmax_of_the_unscaled_excess_risks(x64):
-    """By hand: e_k = sum_j g_kj^2 / sqrt(g_kj^2 + 1e-7), weights = softmax(log(1/K) + eta e)."""
+def official_steps(jacs, eta):
+    """The official code's and LibMTL's rule, as they describe it, float64, step by step.
+
+    Weights start at 1 and are renormalised to sum to K; the first call only
+    sets the baseline (the weights stay 1); later calls multiply the weights
+    by exp(eta e / baseline), without an epsilon. The update is sum_k w_k g_k.
+    """
+    k, p = jacs[0].shape
+    s = np.zeros((k, p))
+    weights = np.ones(k)
+    base = None
+    out = []
+    for jac in jacs:
+        s = s + jac**2
+        e = np.sum(jac * (jac / np.sqrt(s + 1e-7)), axis=1)
+        if base is None:
+            base = e
+        else:
+            weights = weights * np.exp(eta * e / base)
+            weights = weights / weights.sum() * k
+        out.append((weights.copy(), weights @ jac))
+    return out
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.3])
+def test_default_follows_the_official_code_up_to_its_factor_k(x64, eta):
+    """The default (n_warmup_steps=1) against the official code's rule: K times ours.
+
+    Six steps, K = 3 tasks of scales 0.01, 1 and 10 (the first update is the
+    mean, K times: the sum). Relative 1e-5: the official code divides by the
+    baseline without the 1e-7, and the smallest task's baseline is about 0.02
+    (a relative difference of 5e-6 in its step).
+    """
+    jacs = _jacs(9, 3, 6, scales=[0.01, 1.0, 10.0])
+    ours = _run(jacs, eta)
+    ref = official_steps(jacs, eta)
+    for t, ((w, u, _), (w_ref, u_ref)) in enumerate(zip(ours, ref, strict=True)):
+        np.testing.assert_allclose(3 * w, w_ref, rtol=1e-5, err_msg=f"step {t}")
+        np.testing.assert_allclose(3 * u, u_ref, rtol=1e-5, atol=1e-9, err_msg=f"step {t}")
+    np.testing.assert_array_equal(ours[0][0], np.full(3, 1 / 3))
+    assert np.abs(ours[-1][0] - 1 / 3).max() > 0.05  # the weights moved
+    # TorchJD's default (no warmup) moves all the weight to the task of scale 10 at
+    # the first step, and it stays there.
+    torchjd_rule = _run(jacs, eta, n_warmup=0)
+    assert torchjd_rule[0][0][2] > 0.99 and torchjd_rule[-1][0][2] > 0.99
+
+
+def test_torchjd_first_step_without_warmup_is_the_softmax_of_the_unscaled_excess_risks(x64):
+    """n_warmup_steps=0, by hand: e_k = sum_j g_kj^2 / sqrt(g_kj^2 + 1e-7), weights = softmax(log(1/K) + eta e)."""
     jac = np.array([[1.0, 0.0] + [0.0] * 11, [0.0, -2.0] + [0.0] * 11, [0.5, 0.5] + [0.0] * 11])
     e = np.sum(jac**2 / np.sqrt(jac**2 + 1e-7), axis=1)
     z = np.log(1 / 3) + 0.7 * e
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    (w, u, state), (w2, _, state2) = _run([jac, 2 * jac], eta=0.7)
+    (w, u, state), (w2, _, state2) = _run([jac, 2 * jac], eta=0.7, n_warmup=0)
     np.testing.assert_allclose(w, expected, rtol=1e-14)
     np.testing.assert_allclose(u, expected @ jac, rtol=1e-14)
     np.testing.assert_allclose(np.asarray(state.baseline), e, rtol=1e-14)
@@ -152,22 +204,44 @@ def test_warmup_keeps_uniform_weights_then_scales_by_the_warmup_mean(x64):
     assert not np.allclose(w, 0.25)
 
 
-def test_scale_invariance_from_the_baseline_on(x64):
-    """With warmup, every step divides by a baseline of the same scale: c J gives J's weights.
+@pytest.mark.parametrize("n_warmup", [1, 2])
+def test_scale_invariance_from_the_first_step_with_warmup(x64, n_warmup):
+    """With warmup (1 step by default), every weight step divides by a baseline of the same scale.
 
-    (With ``n_warmup_steps=0`` the first step is the softmax of the unscaled
-    excess risks: not invariant, as in TorchJD.)
+    So c J gives J's weights at every step. (With ``n_warmup_steps=0``,
+    TorchJD's default, the first step is the softmax of the unscaled excess
+    risks: not invariant.)
     """
     # Entries of order 1 (S >> 1e-7, the epsilon under the square root).
     jacs = [13 * j for j in _jacs(2, 3, 4, scales=[0.5, 1.0, 2.0])]
     for c in (1e-1, 1e3, 1e6):
         for (w, _, _), (w_c, _, _) in zip(
-            _run(jacs, 1.0, 1), _run([c * j for j in jacs], 1.0, 1), strict=True
+            _run(jacs, 1.0, n_warmup), _run([c * j for j in jacs], 1.0, n_warmup), strict=True
         ):
             np.testing.assert_allclose(w_c, w, rtol=1e-5)
-    w1 = _run(jacs[:1])[0][0]
-    w1_small = _run([1e-2 * jacs[0]])[0][0]
+    w1 = _run(jacs[:1], n_warmup=0)[0][0]
+    w1_small = _run([1e-2 * jacs[0]], n_warmup=0)[0][0]
     assert np.abs(w1_small - w1).max() > 0.1  # the first step without warmup depends on the scale
+
+
+def test_float32_weights_do_not_depend_on_the_scale_up_to_norms_of_1_5e19():
+    """Default warmup, float32, jitted: c J gives J's weights and c times its update, rows of norm c.
+
+    Up to norms of 1.5e19, where the sums of squares of the rows' entries
+    still fit float32 (tests/test_all_methods.py checks one step of every
+    method at these norms; here the weight steps after the baseline).
+    """
+    rng = np.random.default_rng(10)
+    jacs = [rng.standard_normal((3, 13)) for _ in range(4)]
+    jacs = [j / np.linalg.norm(j, axis=1, keepdims=True) for j in jacs]
+    unit = _run([j.astype(np.float32) for j in jacs], dtype=jnp.float32)
+    assert np.abs(unit[-1][0] - 1 / 3).max() > 0.01  # the weights moved
+    for c in (1e18, 1e19, 1.5e19):
+        big = _run([(c * j).astype(np.float32) for j in jacs], dtype=jnp.float32)
+        for t, ((w, u, _), (w_c, u_c, _)) in enumerate(zip(unit, big, strict=True)):
+            assert np.all(np.isfinite(u_c)), (c, t)
+            np.testing.assert_allclose(w_c, w, rtol=1e-4, err_msg=f"c={c}, step {t}")
+            np.testing.assert_allclose(u_c / c, u, rtol=1e-4, atol=1e-6, err_msg=f"c={c}")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -247,12 +321,16 @@ def _edge(name):
         "magnitudes_1e-8_1e4",
     ],
 )
-def test_edge_cases_are_finite_and_follow_the_equations(case):
-    """Float32, four steps of the same gradients scaled by 1, 0.5, 2, 1: the NumPy rule at 1e-5."""
+@pytest.mark.parametrize("n_warmup", [1, 0])
+def test_edge_cases_are_finite_and_follow_the_equations(case, n_warmup):
+    """Float32, four steps of the same gradients scaled by 1, 0.5, 2, 1: the NumPy rule at 1e-5.
+
+    With the default warmup of 1 step and with TorchJD's 0.
+    """
     jac = _edge(case)
     jacs = [c * jac for c in (1.0, 0.5, 2.0, 1.0)]
-    ours = _run([j.astype(np.float32) for j in jacs])
-    ref = paper_steps([j.astype(np.float32).astype(np.float64) for j in jacs], 1.0, 0)
+    ours = _run([j.astype(np.float32) for j in jacs], n_warmup=n_warmup)
+    ref = paper_steps([j.astype(np.float32).astype(np.float64) for j in jacs], 1.0, n_warmup)
     for (w, u, _), (w_ref, u_ref) in zip(ours, ref, strict=True):
         assert np.all(np.isfinite(w)) and np.all(np.isfinite(u))
         np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-7)
@@ -263,7 +341,10 @@ def test_edge_cases_are_finite_and_follow_the_equations(case):
     if case == "opposite":
         np.testing.assert_allclose(ours[-1][1], 0.0, atol=1e-7)
     if case == "magnitudes_1e-8_1e4":
-        assert w[2] == 1.0  # the first, unscaled step saturates on the large task
+        if n_warmup == 0:
+            assert w[2] == 1.0  # the first, unscaled step saturates on the large task
+        else:  # each task scaled by its own baseline: the 1e4 task weighs as the task of scale 1
+            np.testing.assert_allclose(w[2], w[1], rtol=1e-4)
 
 
 def test_a_zero_baseline_saturates_instead_of_overflowing():
@@ -290,15 +371,18 @@ def test_a_zero_baseline_saturates_instead_of_overflowing():
         np.testing.assert_array_equal(np.asarray(state.alpha), [0.0, 1.0])
 
 
-def test_overflowing_squares_contribute_zero_instead_of_nan():
+@pytest.mark.parametrize("n_warmup", [1, 0])
+def test_overflowing_squares_contribute_zero_instead_of_nan(n_warmup):
     """Entries of 1e20 in float32: g^2 = inf, the term |g| (|g| / sqrt(S)) = 0, finite."""
-    tx = mtl_optax.excess_mtl(num_tasks=2)
+    tx = mtl_optax.excess_mtl(n_warmup_steps=n_warmup, num_tasks=2)
     params = {"w": jnp.zeros(2)}
     g = {"w": jnp.array([[1e20, 1.0], [0.5, 0.5]], jnp.float32)}
     u, state = tx.update(g, tx.init(params), params)
     assert np.all(np.isfinite(np.asarray(u["w"]))) and np.all(np.isfinite(state.alpha))
-    # Task 0's excess risk is that of its second coordinate alone: 1 / sqrt(1 + 1e-7).
-    np.testing.assert_allclose(np.asarray(state.baseline), [1.0, 1.0], rtol=1e-6)
+    # Task 0's excess risk is that of its second coordinate alone: 1 / sqrt(1 + 1e-7)
+    # (summed for the warmup, or the baseline at once without warmup).
+    e = state.warmup_sum if n_warmup else state.baseline
+    np.testing.assert_allclose(np.asarray(e), [1.0, 1.0], rtol=1e-6)
 
 
 def test_large_k40_p1e5_stays_on_the_simplex():
@@ -307,12 +391,13 @@ def test_large_k40_p1e5_stays_on_the_simplex():
     params = {"x": jnp.zeros((p,))}
     step = jax.jit(tx.update, donate_argnums=1)
     state = tx.init(params)
-    for i in range(3):
-        jac = jax.random.normal(jax.random.key(i), (k, p)) / p * jnp.linspace(0.5, 2.0, k)[:, None]
+    # Equal scales at the first step (the baseline), then scales 0.5 to 2.
+    for i, scales in enumerate([jnp.ones(k), *[jnp.linspace(0.5, 2.0, k)] * 2]):
+        jac = jax.random.normal(jax.random.key(i), (k, p)) / p * scales[:, None]
         u, state = step({"x": jac}, state, params)
         w = np.asarray(state.alpha, np.float64)
         assert np.all(np.isfinite(np.asarray(u["x"]))) and abs(w.sum() - 1) < 1e-5
-    assert w[-10:].mean() > w[:10].mean()  # the largest excess risks gain weight
+    assert w[-10:].mean() > w[:10].mean()  # the largest relative excess risks gain weight
 
 
 @pytest.mark.parametrize("n_warmup", [0, 1])
@@ -363,10 +448,11 @@ def test_robust_step_size_can_be_scheduled_with_inject_hyperparams():
     )(robust_step_size=schedule, n_warmup_steps=0, num_tasks=3)
     step = jax.jit(lambda g, s: injected.update(g, s, PARAMS))
     state = injected.init(PARAMS)
-    fixed_state = mtl_optax.excess_mtl(num_tasks=3).init(PARAMS)
+    # Without warmup, so that every step, the first too, takes a step of its size.
+    fixed_state = mtl_optax.excess_mtl(n_warmup_steps=0, num_tasks=3).init(PARAMS)
     for t, (value, jac) in enumerate(zip(values, _jacs(7, 3, 3), strict=True)):
         u, state = step(_tree(jac), state)
-        fixed = mtl_optax.excess_mtl(robust_step_size=value, num_tasks=3)
+        fixed = mtl_optax.excess_mtl(robust_step_size=value, n_warmup_steps=0, num_tasks=3)
         u_ref, fixed_state = fixed.update(_tree(jac), fixed_state, PARAMS)
         np.testing.assert_allclose(_vec(u), _vec(u_ref), rtol=1e-6, err_msg=f"step {t}")
         np.testing.assert_allclose(state.inner_state.alpha, fixed_state.alpha, rtol=1e-6)

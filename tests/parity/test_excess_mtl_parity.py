@@ -73,9 +73,18 @@ def _assert_steps_close(ours, theirs, jacs, rtol=1e-12):
         assert_combination_close(u, u_ref, w_ref, jac, rtol=rtol)
 
 
-# (K, P, n_warmup_steps, robust_step_size): each of n_warmup_steps in {0, 2} with
-# each of robust_step_size in {1.0, 0.3}, at several K and P.
-CASES = [(2, 30, 0, 1.0), (3, 301, 2, 0.3), (5, 120, 0, 0.3), (10, 400, 2, 1.0), (4, 77, 2, 1.0)]
+# (K, P, n_warmup_steps, robust_step_size): each of n_warmup_steps in {0 (TorchJD's
+# default), 1 (mtl_optax's), 2} with each of robust_step_size in {1.0, 0.3}, at
+# several K and P.
+CASES = [
+    (2, 30, 0, 1.0),
+    (3, 301, 2, 0.3),
+    (5, 120, 0, 0.3),
+    (10, 400, 2, 1.0),
+    (4, 77, 2, 1.0),
+    (3, 50, 1, 1.0),
+    (6, 200, 1, 0.3),
+]
 
 
 @pytest.mark.parametrize(
@@ -103,12 +112,14 @@ def _zero_then_nonzero(rng, p):
     return jac
 
 
+@pytest.mark.parametrize("n_warmup", [0, 1])
 @pytest.mark.parametrize("case", [*EDGE_CASE_NAMES, "zero_then_nonzero"])
-def test_edge_cases_match_torchjd(x64, case):
+def test_edge_cases_match_torchjd(x64, case, n_warmup):
     """Four steps of the edge case scaled by 1, 0.5, 2, 1 (entries of order 1/P).
 
-    ``magnitudes`` and ``tiny_vs_huge`` (rows of 1e-8 and 1e4) saturate the
-    first step on the large task; ``zero_task`` keeps a zero baseline;
+    With TorchJD's default (no warmup) and mtl_optax's (one warmup step, on
+    both sides). Without warmup, ``magnitudes`` and ``tiny_vs_huge`` (rows of
+    1e-8 and 1e4) saturate the first step on the large task; ``zero_task`` keeps a zero baseline;
     ``zero_then_nonzero``: task 1 is zero at the first step only, so its
     later excess risks are divided by 1e-7 and take all the weight. Weights
     1e-12 relative per entry, update 1e-12 of sum_k |w_k| |J_kj|.
@@ -122,7 +133,7 @@ def test_edge_cases_match_torchjd(x64, case):
         jacs[1:] = [j.copy() for j in jacs[1:]]
         for j in jacs[1:]:
             j[1] = jac[0] * 0.5
-    ours, theirs = _run(jacs, 1.0, 0)
+    ours, theirs = _run(jacs, 1.0, n_warmup)
     _assert_steps_close(ours, theirs, jacs)
     if case == "zero_then_nonzero":
         np.testing.assert_array_equal(ours[-1][0], [0.0, 1.0, 0.0])
@@ -146,8 +157,8 @@ def test_float32_and_bfloat16_leaves_match_torchjd_in_float32(dtype):
     ]
     # np.array: a writable copy, which torch.from_numpy wants.
     jacs = [np.array(jnp.asarray(j, dtype).astype(jnp.float32), np.float32) for j in jacs]
-    tx, step = _method(k, 1.0, 0)
-    weighting = aggregation.ExcessMTLWeighting()
+    tx, step = _method(k, 1.0, 1)  # mtl_optax's default warmup, given to TorchJD
+    weighting = aggregation.ExcessMTLWeighting(n_warmup_steps=1)
     params = {"w": jnp.zeros((p,), dtype)}
     state = tx.init(params)
     for t, jac in enumerate(jacs):
@@ -155,3 +166,36 @@ def test_float32_and_bfloat16_leaves_match_torchjd_in_float32(dtype):
         assert update["w"].dtype == jnp.dtype(dtype) and state.alpha.dtype == jnp.float32
         w_ref = to_numpy(weighting(torch.from_numpy(jac)))
         np.testing.assert_allclose(np.asarray(state.alpha), w_ref, rtol=1e-5, err_msg=f"step {t}")
+
+
+def test_default_is_torchjd_with_one_warmup_step_and_not_torchjds_default(x64):
+    """mtl_optax's default equals TorchJD's ``ExcessMTL(n_warmup_steps=1)`` over 6 steps, 1e-12.
+
+    TorchJD's own default (``n_warmup_steps=0``) differs from the first step
+    on: with tasks of scales 0.01, 1 and 10, its first step on the unscaled
+    excess risks gives the task of scale 10 a weight above 0.99, which it
+    keeps; mtl_optax's first step sets the baseline and keeps 1/K, as the
+    official code's first call does (tests/test_excess_mtl.py checks the
+    official rule).
+    """
+    k, p = 3, 90
+    scales = np.array([0.01, 1.0, 10.0]) * 3 / p
+    jacs = [random_jacobian(700 + s, k, p, scales=scales) for s in range(6)]
+    tx = mtl_optax.excess_mtl(num_tasks=k)
+    step = jax.jit(tx.update)
+    one_warmup_step = aggregation.ExcessMTL(n_warmup_steps=1)
+    weighting = aggregation.ExcessMTLWeighting(n_warmup_steps=1)
+    torchjd_default = aggregation.ExcessMTLWeighting()
+    params = params_like(jacobian_to_tree(jacs[0]))
+    state = tx.init(params)
+    ours, theirs, defaults = [], [], []
+    for jac in jacs:
+        update, state = step(jacobian_to_tree(jac), state, params)
+        ours.append((np.asarray(state.alpha, np.float64), tree_to_vector(update)))
+        jt = torch.from_numpy(jac)
+        theirs.append((to_numpy(weighting(jt)), to_numpy(one_warmup_step(jt))))
+        defaults.append(to_numpy(torchjd_default(jt)))
+    _assert_steps_close(ours, theirs, jacs)
+    np.testing.assert_array_equal(ours[0][0], np.full(k, 1 / k))
+    assert defaults[0][2] > 0.99 and defaults[-1][2] > 0.99
+    assert ours[-1][0][2] < 0.5
