@@ -77,13 +77,18 @@ def _jacs(seed, k, steps, scales=None, p=13):
 
 
 @functools.cache
-def _method(k, eta=1.0, n_warmup=1):
-    tx = mtl_optax.excess_mtl(robust_step_size=eta, n_warmup_steps=n_warmup, num_tasks=k)
+def _method(k, eta=1.0, n_warmup=None):
+    """``excess_mtl`` and its jitted update; ``n_warmup=None``: the factory's default."""
+    warmup = {} if n_warmup is None else {"n_warmup_steps": n_warmup}
+    tx = mtl_optax.excess_mtl(robust_step_size=eta, num_tasks=k, **warmup)
     return tx, jax.jit(tx.update)
 
 
-def _run(jacs, eta=1.0, n_warmup=1, dtype=None):
-    """Our (weights, update vector, state) after every step, jitted once per setting."""
+def _run(jacs, eta=1.0, n_warmup=None, dtype=None):
+    """Our (weights, update vector, state) after every step, jitted once per setting.
+
+    ``n_warmup=None``: the factory's default (1 warmup step).
+    """
     k = jacs[0].shape[0]
     tx, step = _method(k, eta, n_warmup)
     params = _params(dtype)
