@@ -34,8 +34,8 @@ How to run
 Expected runtime on 2 CPU cores: about 80 s for every method, 10-15 s with the
 four basic methods (``constant``, ``mean``, ``rlw``, ``sum``): about 2 s of
 imports, then 2-3 s per method, most of it JAX compilation (the 500 training
-steps take about 1 ms each). ``mean`` and ``sum`` give nearly the same numbers: they differ by the
-factor ``K``, which Adam's normalisation removes.
+steps take about 1 ms each). ``mean`` and ``sum`` give nearly the same numbers:
+they differ by the factor ``K``, which Adam's normalisation removes.
 """
 
 from __future__ import annotations

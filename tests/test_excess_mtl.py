@@ -171,7 +171,10 @@ def test_default_follows_the_official_code_up_to_its_factor_k(x64, eta):
 
 
 def test_torchjd_first_step_without_warmup_is_the_softmax_of_the_unscaled_excess_risks(x64):
-    """n_warmup_steps=0, by hand: e_k = sum_j g_kj^2 / sqrt(g_kj^2 + 1e-7), weights = softmax(log(1/K) + eta e)."""
+    """n_warmup_steps=0, by hand: weights = softmax(log(1/K) + eta e).
+
+    With e_k = sum_j g_kj^2 / sqrt(g_kj^2 + 1e-7), unscaled.
+    """
     jac = np.array([[1.0, 0.0] + [0.0] * 11, [0.0, -2.0] + [0.0] * 11, [0.5, 0.5] + [0.0] * 11])
     e = np.sum(jac**2 / np.sqrt(jac**2 + 1e-7), axis=1)
     z = np.log(1 / 3) + 0.7 * e
@@ -230,9 +233,9 @@ def test_scale_invariance_from_the_first_step_with_warmup(x64, n_warmup):
 
 
 def test_float32_weights_do_not_depend_on_the_scale_up_to_norms_of_1_5e19():
-    """Default warmup, float32, jitted: c J gives J's weights and c times its update, rows of norm c.
+    """Default warmup, float32, jitted: c J gives J's weights and c times its update.
 
-    Up to norms of 1.5e19, where the sums of squares of the rows' entries
+    Rows of norm c up to 1.5e19, where the sums of squares of the rows' entries
     still fit float32 (tests/test_all_methods.py checks one step of every
     method at these norms; here the weight steps after the baseline).
     """

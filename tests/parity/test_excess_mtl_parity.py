@@ -119,8 +119,8 @@ def test_edge_cases_match_torchjd(x64, case, n_warmup):
 
     With TorchJD's default (no warmup) and mtl_optax's (one warmup step, on
     both sides). Without warmup, ``magnitudes`` and ``tiny_vs_huge`` (rows of
-    1e-8 and 1e4) saturate the first step on the large task; ``zero_task`` keeps a zero baseline;
-    ``zero_then_nonzero``: task 1 is zero at the first step only, so its
+    1e-8 and 1e4) saturate the first step on the large task; ``zero_task``
+    keeps a zero baseline; ``zero_then_nonzero``: task 1 is zero at the first step only, so its
     later excess risks are divided by 1e-7 and take all the weight. Weights
     1e-12 relative per entry, update 1e-12 of sum_k |w_k| |J_kj|.
     """
