@@ -1,8 +1,8 @@
 """Smoke and property tests of the examples (toy problem, MultiDigits, recipes,
 the demo and the representation-gradient example).
 
-Each example's ``main`` runs here with a few steps, its outputs written to
-``tmp_path``. The examples need the ``examples`` extra (matplotlib,
+Each example's ``main`` runs here with a few steps, its figures and tables
+written to ``tmp_path`` or its printed table captured. The examples need the ``examples`` extra (matplotlib,
 scikit-learn, tqdm, flax); without them these tests are skipped.
 """
 
