@@ -44,16 +44,22 @@ aggregation = reference("torchjd.aggregation")
 
 @functools.cache
 def _method(k, eta, n_warmup):
-    tx = mtl_optax.excess_mtl(robust_step_size=eta, n_warmup_steps=n_warmup, num_tasks=k)
+    """``excess_mtl`` and its jitted update; ``n_warmup=None``: the factory's default."""
+    warmup = {} if n_warmup is None else {"n_warmup_steps": n_warmup}
+    tx = mtl_optax.excess_mtl(robust_step_size=eta, num_tasks=k, **warmup)
     return tx, jax.jit(tx.update)
 
 
-def _run(jacs, eta, n_warmup):
-    """Both sides over the steps: ours (weights, update) and TorchJD's (weights, update)."""
+def _run(jacs, eta, n_warmup, torch_warmup=None):
+    """Both sides over the steps: ours (weights, update) and TorchJD's (weights, update).
+
+    TorchJD gets ``torch_warmup`` warmup steps, by default ``n_warmup``.
+    """
     k = jacs[0].shape[0]
     tx, step = _method(k, eta, n_warmup)
-    weighting = aggregation.ExcessMTLWeighting(robust_step_size=eta, n_warmup_steps=n_warmup)
-    aggregator = aggregation.ExcessMTL(robust_step_size=eta, n_warmup_steps=n_warmup)
+    torch_warmup = n_warmup if torch_warmup is None else torch_warmup
+    weighting = aggregation.ExcessMTLWeighting(robust_step_size=eta, n_warmup_steps=torch_warmup)
+    aggregator = aggregation.ExcessMTL(robust_step_size=eta, n_warmup_steps=torch_warmup)
     tree = jacobian_to_tree(jacs[0])
     params = params_like(tree)
     state = tx.init(params)
@@ -181,15 +187,12 @@ def test_default_is_torchjd_with_one_warmup_step_and_not_torchjds_default(x64):
     k, p = 3, 90
     scales = np.array([0.01, 1.0, 10.0]) * 3 / p
     jacs = [random_jacobian(700 + s, k, p, scales=scales) for s in range(6)]
-    ours, theirs = _run(jacs, 1.0, 1)
+    ours, theirs = _run(jacs, 1.0, None, torch_warmup=1)  # the factory's defaults
     _assert_steps_close(ours, theirs, jacs)
-    tx = mtl_optax.excess_mtl(num_tasks=k)  # the defaults: the same program, the same bits
-    step = jax.jit(tx.update)
-    params = params_like(jacobian_to_tree(jacs[0]))
-    state = tx.init(params)
-    for jac, (w, _) in zip(jacs, ours, strict=True):
-        _, state = step(jacobian_to_tree(jac), state, params)
-        np.testing.assert_array_equal(np.asarray(state.alpha, np.float64), w)
+    explicit, _ = _run(jacs, 1.0, 1)  # n_warmup_steps=1 given: the same program, the same bits
+    for (w, u), (w_1, u_1) in zip(ours, explicit, strict=True):
+        np.testing.assert_array_equal(w, w_1)
+        np.testing.assert_array_equal(u, u_1)
     np.testing.assert_array_equal(ours[0][0], np.full(k, 1 / k))
     assert ours[-1][0][2] < 0.5
     torchjd_default = aggregation.ExcessMTLWeighting()
