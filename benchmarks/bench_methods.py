@@ -239,8 +239,9 @@ def torch_references(name: str, k: int, device: str = "cpu") -> dict[str, Callab
                 # Stateful like mtl_optax's (the EMA of the squared norms),
                 # called on the same J at every repeat.
                 "pcd": A.PCD,
-                # Stateful like mtl_optax's (K x P squared-gradient sums), called
-                # on the same J at every repeat; with mtl_optax's default warmup.
+                # Stateful like mtl_optax's (a K x P state from the squared
+                # gradients), called on the same J at every repeat; with
+                # mtl_optax's default warmup.
                 "excess_mtl": lambda: A.ExcessMTL(n_warmup_steps=1),
                 "cr_mogm": lambda: A.GramianWeightedAggregator(
                     A.CRMOGMWeighting(A.MGDAWeighting())

@@ -11,8 +11,9 @@ excess risk of task :math:`k` is estimated by a second-order Taylor expansion,
 Hessian :math:`H_k` built from the task's squared gradients.
 
 The estimate reads every coordinate of every task gradient (not only the
-Gramian) and the state holds the ``K x P`` sums of squared task gradients, so
-the method is its own transformation beside the Gramian engine, as M-ConFIG is.
+Gramian) and the state holds ``K x P`` numbers (the inverse square roots of the
+sums of squared task gradients), so the method is its own transformation beside
+the Gramian engine, as M-ConFIG is.
 """
 
 from __future__ import annotations
@@ -40,35 +41,59 @@ class ExcessMTLState(NamedTuple):
 
     weights: jax.Array  # [K] float32: the weights of the last step, for logging.
     alpha: jax.Array  # [K] the current simplex weights (from 1/K).
-    sq_grad_sum: Any  # S: the params' tree, every leaf (K, *param.shape): sums of g**2.
+    # Q = (S + 1e-7) ** -0.5, S the sums of g**2: the params' tree, every leaf
+    # (K, *param.shape). S itself is 1 / Q**2 - 1e-7.
+    inv_sqrt_sum: Any
     warmup_sum: jax.Array  # [K] the sum of the excess risks over the warmup steps.
     baseline: jax.Array  # [K] the baseline excess risks (valid once has_baseline).
     has_baseline: jax.Array  # bool []: whether the baseline is set.
     count: jax.Array  # int32 []: the updates taken so far.
 
 
-def _excess_risks(updates: Any, sums: Any, dtype: Any) -> tuple[jax.Array, Any]:
-    r"""``(e, S')``: the ``[K]`` excess risks and the new squared-gradient sums.
+def _excess_risks(updates: Any, inv_sqrt_sums: Any, dtype: Any) -> tuple[jax.Array, Any]:
+    r"""``(e, Q')``: the ``[K]`` excess risks and the new inverse square roots.
 
-    Per leaf, :math:`S' = S + g^2` in ``S``'s dtype and :math:`e_k = \sum_j
-    |g_{kj}| \cdot (|g_{kj}| / \sqrt{S'_{kj} + 10^{-7}})`, summed over the
-    leaves in ``dtype``. Written so, a term stays at most :math:`|g_{kj}|`
-    (:math:`S' \ge g^2`) where :math:`g^2 / \sqrt{\cdot}` would overflow.
+    The state keeps :math:`Q = (S + 10^{-7})^{-1/2}` rather than the sums
+    :math:`S` themselves. Per leaf, in ``Q``'s dtype, with :math:`t = g Q`:
+
+    .. math::
+      Q' = (S + g^2 + 10^{-7})^{-1/2} = Q\,(1 + t^2)^{-1/2}, \qquad
+      e_k = \sum_j g_{kj}\,(g_{kj}\, Q'_{kj}),
+
+    summed over the leaves in ``dtype``. The terms are the references'
+    :math:`g^2 / \sqrt{S' + 10^{-7}}`, a rounding apart, but the pass that
+    writes :math:`Q'` has one reciprocal square root and no division, and
+    the sums multiply only: XLA's CPU reduction, which recomputes its
+    operands' elementwise producers, no longer runs the square root and the
+    division itself (the update 1.1-1.4x faster on CPU; benchmarks/README,
+    *PCD and ExcessMTL*).
+
+    Range: where :math:`|t| > 2^{60}` (then :math:`1 + t^2 = t^2` in float32
+    and float64) :math:`Q' = 1 / |g|`, taken as :math:`\mathrm{rsqrt}(|g|)^2`
+    so that :math:`t^2` (or :math:`t` itself) overflowing does not matter: a
+    term is then :math:`\approx |g|`, finite for every finite :math:`g`,
+    where :math:`S` itself would overflow (float32: from :math:`|g| \approx
+    1.8 \cdot 10^{19}`). :math:`Q` reaches 0 (the smallest normal float32 is
+    about :math:`1.2 \cdot 10^{-38}`) only once :math:`S` exceeds about
+    :math:`7 \cdot 10^{75}`; the terms then are 0.
     """
     leaves_g, treedef = jax.tree_util.tree_flatten(updates)
-    leaves_s = treedef.flatten_up_to(sums)
+    leaves_q = treedef.flatten_up_to(inv_sqrt_sums)
     k = leaves_g[0].shape[0]
     e = jnp.zeros((k,), dtype)
-    new_sums = []
-    for g, s in zip(leaves_g, leaves_s, strict=True):
-        a = jnp.abs(g.astype(s.dtype))
-        s_new = s + a * a
-        new_sums.append(s_new)
+    new_q = []
+    for g, q in zip(leaves_g, leaves_q, strict=True):
+        g = g.astype(q.dtype)
+        t = g * q
+        big = jnp.abs(t) > jnp.asarray(2.0**60, q.dtype)
+        r = jax.lax.rsqrt(jnp.where(big, jnp.abs(g), 1.0 + t * t))
+        q_new = jnp.where(big, r * r, q * r)
+        new_q.append(q_new)
         if g.size == 0:
             continue
-        terms = a * (a / jnp.sqrt(s_new + jnp.asarray(_EPS, s.dtype)))
+        terms = g * (g * q_new)
         e = e + jnp.sum(terms.astype(dtype), axis=tuple(range(1, g.ndim)))
-    return e, treedef.unflatten(new_sums)
+    return e, treedef.unflatten(new_q)
 
 
 @register("excess_mtl")
@@ -133,18 +158,24 @@ def excess_mtl(
 
     Non-finite input: a NaN or :math:`\pm\infty` in a task gradient makes the
     update non-finite (its excess risk is NaN, so every weight is), during the
-    warmup too; the new state then holds NaN (in :math:`S`, the weights or
-    the warmup sum) and every later update from it is NaN. Wrap the chain in
+    warmup too; the new state then holds NaN (in the weights or the warmup
+    sum, and in :math:`Q` for a NaN gradient) and every later update from it
+    is NaN. Wrap the chain in
     :func:`mtl_optax.apply_if_finite`, which skips such a step and keeps the
     previous state. The per-task losses (``value=``) are not read.
 
-    Memory: the state holds :math:`S`, one float per parameter and task
-    (``K x P``, like the stacked task gradients themselves), in float32 for
-    bfloat16 / float16 / float32 parameters and float64 for float64 ones, as
-    TorchJD's and the official code's. Donate the state to the jitted step
-    (``jax.jit(..., donate_argnums=...)``) so that :math:`S` is updated in
-    place. The update reads the task gradients twice (the excess risks, then
-    the combination).
+    Memory: the state holds one float per parameter and task (``K x P``,
+    like the stacked task gradients themselves), in float32 for bfloat16 /
+    float16 / float32 parameters and float64 for float64 ones, as TorchJD's
+    and the official code's :math:`S`. It keeps :math:`Q = (S +
+    10^{-7})^{-1/2}` (``inv_sqrt_sum``; :math:`S = Q^{-2} - 10^{-7}`)
+    instead of :math:`S`, updated as :math:`Q' = Q (1 + (gQ)^2)^{-1/2}`,
+    which makes the terms :math:`g (g Q')` products only (see
+    ``_excess_risks``; the same numbers, a rounding apart, and a wider
+    range). Donate the state to the jitted step (``jax.jit(...,
+    donate_argnums=...)``) so that :math:`Q` is updated in place. The update
+    reads the task gradients three times (the new :math:`Q`, the excess
+    risks, then the combination).
 
     Args:
       robust_step_size: :math:`\eta > 0`, the weights' step size (default
@@ -155,7 +186,7 @@ def excess_mtl(
         the official code's and LibMTL's first call; 0 is TorchJD 0.18's
         default, whose first step moves the weights by the unscaled excess
         risks; see *Differences from the references*).
-      num_tasks: ``K``, required: the state holds the ``K x P`` sums from
+      num_tasks: ``K``, required: the state holds ``K x P`` numbers from
         ``init`` on.
 
     Returns:
@@ -223,12 +254,13 @@ def excess_mtl(
       first gradient is zero. They also read only the shared parameters'
       gradients (or the representation's, with LibMTL's ``rep_grad``); here
       every leaf of the task gradients counts. Numerics, where TorchJD would
-      return NaN or inf: the terms are computed as :math:`|g| \cdot (|g| /
-      \sqrt{S + 10^{-7}})` (the same in exact arithmetic, a rounding apart),
-      so a coordinate whose squared gradient or sum of squares overflows
-      (float32: entries from about 1.8e19) contributes 0 instead of NaN; the
-      weight step is clipped to the dtype's largest finite number (see
-      above). Where TorchJD re-creates its state when ``K``, ``P`` or the
+      return NaN or inf: the state is :math:`Q = (S + 10^{-7})^{-1/2}` and
+      the terms :math:`g (g Q')` (the same in exact arithmetic, a rounding
+      apart), so a coordinate whose squared gradient overflows (float32:
+      entries from about 1.8e19, where TorchJD's :math:`S` becomes inf and
+      its term NaN) contributes about :math:`|g|`, its exact value, and the
+      state stays finite; the weight step is clipped to the dtype's largest
+      finite number (see above). Where TorchJD re-creates its state when ``K``, ``P`` or the
       dtype change, here they are fixed at ``init``.
     """
     method = "excess_mtl"
@@ -257,29 +289,29 @@ def excess_mtl(
     k = check_num_tasks(method, num_tasks)
     if k is None:
         raise ValueError(
-            f"{method} needs num_tasks=K: its state holds the K x P sums of squared"
-            " task gradients, created at init."
+            f"{method} needs num_tasks=K: its state holds K x P numbers (from the"
+            " sums of squared task gradients), created at init."
         )
 
     def init_fn(params: Any) -> ExcessMTLState:
         if params is None:
             raise ValueError(
-                f"{method}: init needs the params (the sums of squared gradients take"
-                " their shapes)."
+                f"{method}: init needs the params (the state's K x P numbers take their shapes)."
             )
 
-        def zeros(p: Any) -> jax.Array:
-            # zeros_like keeps the parameters' sharding (a mesh with Explicit
-            # axes refuses to mix sharded and replicated operands).
+        def initial_q(p: Any) -> jax.Array:
+            # Q = (0 + 1e-7) ** -0.5. full_like keeps the parameters' sharding
+            # (a mesh with Explicit axes refuses to mix sharded and replicated
+            # operands).
             p = jnp.asarray(p)
-            z = jnp.zeros_like(p, dtype=engine.accumulation_dtype(p.dtype))
-            return jnp.broadcast_to(z, (k, *p.shape))
+            q = jnp.full_like(p, _EPS**-0.5, dtype=engine.accumulation_dtype(p.dtype))
+            return jnp.broadcast_to(q, (k, *p.shape))
 
         dtype = engine.tree_accumulation_dtype(params)
         return ExcessMTLState(
             weights=initial_weights(k),
             alpha=jnp.full((k,), 1.0 / k, dtype),
-            sq_grad_sum=jax.tree.map(zeros, params),
+            inv_sqrt_sum=jax.tree.map(initial_q, params),
             warmup_sum=jnp.zeros((k,), dtype),
             baseline=jnp.zeros((k,), dtype),
             has_baseline=jnp.zeros((), bool),
@@ -299,12 +331,12 @@ def excess_mtl(
         _, _, grad_dtype = check_update_inputs(updates, params, value, num_tasks=k, method=method)
         if params is None:  # check against the state's shapes (those of the params).
             shapes = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), state.sq_grad_sum
+                lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), state.inv_sqrt_sum
             )
             engine.check_task_grads(updates, shapes, num_tasks=k, method=method)
         state_dtype = state.alpha.dtype
         dtype = jnp.result_type(grad_dtype, state_dtype)
-        e, sq_grad_sum = _excess_risks(updates, state.sq_grad_sum, dtype)
+        e, inv_sqrt_sum = _excess_risks(updates, state.inv_sqrt_sum, dtype)
 
         n = n_warmup_steps
         warming = ~state.has_baseline & (state.count < n)
@@ -324,7 +356,7 @@ def excess_mtl(
         new_state = ExcessMTLState(
             weights=alpha.astype(jnp.float32),
             alpha=alpha.astype(state_dtype),
-            sq_grad_sum=sq_grad_sum,
+            inv_sqrt_sum=inv_sqrt_sum,
             warmup_sum=jnp.where(warming, warmup_sum + e, warmup_sum).astype(state_dtype),
             baseline=baseline.astype(state_dtype),
             has_baseline=state.has_baseline | first,

@@ -189,7 +189,10 @@ def test_torchjd_first_step_without_warmup_is_the_softmax_of_the_unscaled_excess
     z2 = np.log(expected) + 0.7 * e2 / (e + 1e-7)
     np.testing.assert_allclose(w2, np.exp(z2) / np.exp(z2).sum(), rtol=1e-14)
     np.testing.assert_allclose(w2, expected, rtol=1e-6)  # equal relative excess risks
-    np.testing.assert_allclose(_vec(state2.sq_grad_sum), _vec(_tree(5 * jac**2)), rtol=1e-15)
+    # The state is Q = (S + 1e-7)^(-1/2) with S = g^2 + (2 g)^2 = 5 g^2.
+    np.testing.assert_allclose(
+        _vec(state2.inv_sqrt_sum), _vec(_tree((5 * jac**2 + 1e-7) ** -0.5)), rtol=1e-14
+    )
 
 
 def test_warmup_keeps_uniform_weights_then_scales_by_the_warmup_mean(x64):
@@ -278,7 +281,7 @@ def test_bfloat16_leaves_accumulate_in_float32():
     ref = _run(rounded, dtype=jnp.float32)
     for (w, u, state), (w_ref, u_ref, _) in zip(ours, ref, strict=True):
         assert state.alpha.dtype == jnp.float32
-        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.sq_grad_sum))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.inv_sqrt_sum))
         np.testing.assert_allclose(w, w_ref, rtol=1e-6)
         np.testing.assert_allclose(u, u_ref, rtol=1e-2, atol=1e-3)  # bfloat16 output
     tx, step = _method(3)
@@ -290,8 +293,10 @@ def test_float64_state_for_float64_params(x64):
     tx, _ = _method(2)
     state = tx.init(_params(jnp.float64))
     assert state.alpha.dtype == jnp.float64
-    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(state.sq_grad_sum))
-    assert [x.shape for x in jax.tree.leaves(state.sq_grad_sum)] == [(2, 4, 2), (2, 5)]
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(state.inv_sqrt_sum))
+    assert [x.shape for x in jax.tree.leaves(state.inv_sqrt_sum)] == [(2, 4, 2), (2, 5)]
+    for x in jax.tree.leaves(state.inv_sqrt_sum):
+        np.testing.assert_array_equal(x, 1e-7**-0.5)  # S = 0
     assert state.weights.dtype == jnp.float32 and np.isnan(np.asarray(state.weights)).all()
 
 
@@ -380,17 +385,54 @@ def test_a_zero_baseline_saturates_instead_of_overflowing():
 
 
 @pytest.mark.parametrize("n_warmup", [1, 0])
-def test_overflowing_squares_contribute_zero_instead_of_nan(n_warmup):
-    """Entries of 1e20 in float32: g^2 = inf, the term |g| (|g| / sqrt(S)) = 0, finite."""
+def test_overflowing_squares_contribute_their_exact_term(n_warmup):
+    """Entries of 1e20 in float32: g^2 = inf, but Q = (g^2 + 1e-7)^(-1/2) = 1e-20 is not.
+
+    The term g (g Q) is then the exact g^2 / sqrt(g^2 + 1e-7) = 1e20 (TorchJD's
+    S = inf gives inf / inf = NaN), and the state stays finite.
+    """
     tx = mtl_optax.excess_mtl(n_warmup_steps=n_warmup, num_tasks=2)
     params = {"w": jnp.zeros(2)}
     g = {"w": jnp.array([[1e20, 1.0], [0.5, 0.5]], jnp.float32)}
     u, state = tx.update(g, tx.init(params), params)
     assert np.all(np.isfinite(np.asarray(u["w"]))) and np.all(np.isfinite(state.alpha))
-    # Task 0's excess risk is that of its second coordinate alone: 1 / sqrt(1 + 1e-7)
-    # (summed for the warmup, or the baseline at once without warmup).
+    np.testing.assert_allclose(
+        np.asarray(state.inv_sqrt_sum["w"]),
+        [[1e-20, (1 + 1e-7) ** -0.5], [(0.25 + 1e-7) ** -0.5] * 2],
+        rtol=1e-6,
+    )
+    # Task 0: 1e20 + 1 / sqrt(1 + 1e-7); task 1: 2 (0.25 / sqrt(0.25 + 1e-7)),
+    # summed for the warmup, or the baseline at once without warmup.
     e = state.warmup_sum if n_warmup else state.baseline
-    np.testing.assert_allclose(np.asarray(e), [1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(e), [1e20, 1.0], rtol=1e-6)
+    # A second step from that state: Q stays finite, the term is again about |g|.
+    u, state = tx.update(g, state, params)
+    assert np.all(np.isfinite(np.asarray(u["w"]))) and np.all(np.isfinite(state.alpha))
+    np.testing.assert_allclose(
+        np.asarray(state.inv_sqrt_sum["w"])[0], [2**-0.5 * 1e-20, (2 + 1e-7) ** -0.5], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("entry", [1e30, 3e38])
+def test_largest_float32_entries_keep_the_state_and_the_update_finite(entry):
+    """|g Q| beyond float32's range at the first step (Q = 1e-7^(-1/2) ~ 3162).
+
+    Q' = 1 / |g| then comes from rsqrt(|g|)^2, not from t = g Q (inf); at 3e38
+    it is below the smallest normal float32 and may flush to 0 (the term is 0).
+    """
+    tx = mtl_optax.excess_mtl(num_tasks=2)
+    params = {"w": jnp.zeros(2)}
+    g = {"w": jnp.array([[entry, 1.0], [0.5, 0.5]], jnp.float32)}
+    state = tx.init(params)
+    for _ in range(3):
+        u, state = jax.jit(tx.update)(g, state, params)
+        assert np.all(np.isfinite(np.asarray(u["w"]))) and np.all(np.isfinite(state.alpha))
+        assert np.all(np.isfinite(np.asarray(state.inv_sqrt_sum["w"])))
+    q0 = float(np.asarray(state.inv_sqrt_sum["w"])[0, 0])
+    if entry == 1e30:
+        np.testing.assert_allclose(q0, 3**-0.5 / entry, rtol=1e-6)  # S = 3 g^2
+    else:
+        assert 0.0 <= q0 <= 1.2e-38
 
 
 def test_large_k40_p1e5_stays_on_the_simplex():
@@ -417,7 +459,8 @@ def test_non_finite_input_gives_a_non_finite_update(n_warmup):
         g = {"w": jnp.array([[1.0, bad], [0.5, 0.5]])}
         u, state = jax.jit(tx.update)(g, tx.init(params), params)
         assert not np.all(np.isfinite(np.asarray(u["w"])))
-        assert not np.all(np.isfinite(np.asarray(state.sq_grad_sum["w"])))
+        # NaN in the warmup sum (or the baseline and the weights without warmup).
+        assert not np.all(np.isfinite(np.asarray(state.warmup_sum if n_warmup else state.alpha)))
     opt = mtl_optax.apply_if_finite(optax.chain(tx, optax.sgd(1.0)))
     state = opt.init(params)
     _, state = opt.update({"w": jnp.array([[1.0, jnp.nan], [0.5, 0.5]])}, state, params)
