@@ -160,9 +160,8 @@ def excess_mtl(
     update non-finite (its excess risk is NaN, so every weight is), during the
     warmup too; the new state then holds NaN (in the weights or the warmup
     sum, and in :math:`Q` for a NaN gradient) and every later update from it
-    is NaN. Wrap the chain in
-    :func:`mtl_optax.apply_if_finite`, which skips such a step and keeps the
-    previous state. The per-task losses (``value=``) are not read.
+    is NaN. Wrap the chain in :func:`mtl_optax.apply_if_finite`, which skips
+    such a step and keeps the previous state. The per-task losses (``value=``) are not read.
 
     Memory: the state holds one float per parameter and task (``K x P``,
     like the stacked task gradients themselves), in float32 for bfloat16 /
@@ -172,7 +171,9 @@ def excess_mtl(
     instead of :math:`S`, updated as :math:`Q' = Q (1 + (gQ)^2)^{-1/2}`,
     which makes the terms :math:`g (g Q')` products only (see
     ``_excess_risks``; the same numbers, a rounding apart, and a wider
-    range). Donate the state to the jitted step (``jax.jit(...,
+    range: after 300 float32 steps :math:`Q` was within 1.1e-6 relative of
+    :math:`(S + 10^{-7})^{-1/2}` from float64 sums, against 3e-7 for a
+    float32 running sum :math:`S`). Donate the state to the jitted step (``jax.jit(...,
     donate_argnums=...)``) so that :math:`Q` is updated in place. The update
     reads the task gradients three times (the new :math:`Q`, the excess
     risks, then the combination).
@@ -260,8 +261,8 @@ def excess_mtl(
       entries from about 1.8e19, where TorchJD's :math:`S` becomes inf and
       its term NaN) contributes about :math:`|g|`, its exact value, and the
       state stays finite; the weight step is clipped to the dtype's largest
-      finite number (see above). Where TorchJD re-creates its state when ``K``, ``P`` or the
-      dtype change, here they are fixed at ``init``.
+      finite number (see above). Where TorchJD re-creates its state when
+      ``K``, ``P`` or the dtype change, here they are fixed at ``init``.
     """
     method = "excess_mtl"
     if not is_traced(robust_step_size):
