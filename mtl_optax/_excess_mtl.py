@@ -154,7 +154,8 @@ def excess_mtl(
     to 0 stays 0 (its logarithm is :math:`-\infty`), as in TorchJD; a step
     :math:`\eta\, e_t / (b + 10^{-7})` beyond the dtype's range is clipped to
     its largest finite number, so the softmax saturates instead of returning
-    NaN (tasks whose steps are clipped alike tie). All-zero gradients leave the weights where they are.
+    NaN (tasks whose steps are clipped alike tie). All-zero gradients leave
+    the weights where they are.
 
     Non-finite input: a NaN or :math:`\pm\infty` in a task gradient makes the
     update non-finite (its excess risk is NaN, so every weight is), during the

@@ -2,8 +2,9 @@
 the demo and the representation-gradient example).
 
 Each example's ``main`` runs here with a few steps, its figures and tables
-written to ``tmp_path`` or its printed table captured. The examples need the ``examples`` extra (matplotlib,
-scikit-learn, tqdm, flax); without them these tests are skipped.
+written to ``tmp_path`` or its printed table captured. The examples need the
+``examples`` extra (matplotlib, scikit-learn, tqdm, flax); without them these
+tests are skipped.
 """
 
 from __future__ import annotations
