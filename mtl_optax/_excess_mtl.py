@@ -162,7 +162,8 @@ def excess_mtl(
     warmup too; the new state then holds NaN (in the weights or the warmup
     sum, and in :math:`Q` for a NaN gradient) and every later update from it
     is NaN. Wrap the chain in :func:`mtl_optax.apply_if_finite`, which skips
-    such a step and keeps the previous state. The per-task losses (``value=``) are not read.
+    such a step and keeps the previous state. The per-task losses
+    (``value=``) are not read.
 
     Memory: the state holds one float per parameter and task (``K x P``,
     like the stacked task gradients themselves), in float32 for bfloat16 /
@@ -174,10 +175,10 @@ def excess_mtl(
     ``_excess_risks``; the same numbers, a rounding apart, and a wider
     range: after 300 float32 steps :math:`Q` was within 1.1e-6 relative of
     :math:`(S + 10^{-7})^{-1/2}` from float64 sums, against 3e-7 for a
-    float32 running sum :math:`S`). Donate the state to the jitted step (``jax.jit(...,
-    donate_argnums=...)``) so that :math:`Q` is updated in place. The update
-    reads the task gradients three times (the new :math:`Q`, the excess
-    risks, then the combination).
+    float32 running sum :math:`S`). Donate the state to the jitted step
+    (``jax.jit(..., donate_argnums=...)``) so that :math:`Q` is updated in
+    place. The update reads the task gradients three times (the new
+    :math:`Q`, the excess risks, then the combination).
 
     Args:
       robust_step_size: :math:`\eta > 0`, the weights' step size (default
