@@ -641,35 +641,33 @@ def m_conflict_free(
             two_task_closed_form=two_task_closed_form,
         )
         coef = omega * inv_bias1.astype(omega.dtype)
-        # The direction is written once (a contraction, which XLA does not fuse
-        # into its consumers) and the three elementwise passes below read it:
-        # XLA's CPU backend has no multi-output fusion, so a combination fused
-        # into the step would be recomputed from the K x P momenta by each of
-        # the three (u, pseudo_mu and nu are separate fusions).
-        direction = engine.combine(mu, coef.astype(dtype))
         bias1_t = _one_minus_power(beta_1, count, dtype)
         bias2_t = jnp.where(ready, _one_minus_power(beta_2, count, dtype), 1.0)
+        # The new pseudo first moment (1 - beta_1^t) c is the combination itself,
+        # written once into the new state (zero until the step is ready): the
+        # direction c is never stored, the two elementwise passes below read
+        # the moment and take c = moment / (1 - beta_1^t) on the fly. (XLA's CPU
+        # backend has no multi-output fusion: each output is a pass of its own,
+        # and a combination fused into its consumers would be recomputed from
+        # the K x P momenta by each.)
+        pseudo_mu = engine.combine(mu, jnp.where(ready, coef * bias1_t, 0).astype(dtype))
+        inv_bias1_t = jnp.where(ready, 1 / jnp.where(ready, bias1_t, 1), 0)
 
-        def step(c, pm, s, out_dtype):
-            pseudo_mu = c * bias1_t.astype(c.dtype)
-            pseudo_grad = (pseudo_mu - beta_1 * pm) / (1 - beta_1)
+        def step(pm_new, pm, s, out_dtype):
+            pseudo_grad = (pm_new - beta_1 * pm) / (1 - beta_1)
             s_new = beta_2 * s + (1 - beta_2) * pseudo_grad**2
             s_out = jnp.where(ready, s_new, s)
+            c = pm_new * inv_bias1_t.astype(pm_new.dtype)
+            # The old pseudo_mu and nu are read by the pass that writes nu only
+            # (in place, into a donated buffer); u reads the new nu.
             u = c / (jnp.sqrt(s_out / bias2_t.astype(c.dtype)) + eps)
-            # The old pseudo_mu and nu are read by the pass that writes nu only,
-            # so that XLA updates both in place instead of copying them first to
-            # keep the donated buffers safe (4P words fewer): u reads the new nu,
-            # pseudo_mu's pass reads it too (min(s_out, 0) is 0: s_out >= 0,
-            # +inf included), which orders it after nu's, and it does not read the
-            # old pseudo_mu, which is zero until the step is ready.
-            pm_out = jnp.where(ready, pseudo_mu, 0.0) + jnp.minimum(s_out, 0)
-            return jnp.where(ready, u, 0.0).astype(out_dtype), pm_out, s_out
+            return jnp.where(ready, u, 0.0).astype(out_dtype), s_out
 
-        leaves_c, treedef = jax.tree_util.tree_flatten(direction)
+        leaves_pm, treedef = jax.tree_util.tree_flatten(pseudo_mu)
         results = [
-            step(c, pm, s, out_dtype)
-            for c, pm, s, out_dtype in zip(
-                leaves_c,
+            step(pm_new, pm, s, out_dtype)
+            for pm_new, pm, s, out_dtype in zip(
+                leaves_pm,
                 treedef.flatten_up_to(state.pseudo_mu),
                 treedef.flatten_up_to(state.nu),
                 [x.dtype for x in treedef.flatten_up_to(updates)],
@@ -679,8 +677,8 @@ def m_conflict_free(
         out = treedef.unflatten([r[0] for r in results])
         new_state = MConflictFreeState(
             mu=mu,
-            nu=treedef.unflatten([r[2] for r in results]),
-            pseudo_mu=treedef.unflatten([r[1] for r in results]),
+            nu=treedef.unflatten([r[1] for r in results]),
+            pseudo_mu=pseudo_mu,
             count=count,
             task_counts=counts,
             weights=jnp.where(ready, omega.astype(jnp.float32), state.weights),

@@ -8,6 +8,7 @@ still work with the library as it is, so that the numbers in
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import statistics
@@ -35,6 +36,15 @@ def _run(*args: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def _benchmark_module(name: str):
+    """Imports ``benchmarks/<name>.py`` (and the benchmark modules it imports)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def test_bench_methods_writes_rows_that_report_reads(tmp_path):
@@ -70,12 +80,34 @@ def test_bench_methods_writes_rows_that_report_reads(tmp_path):
     assert report.count("| imtl_g         |") == 2
 
 
+def test_bench_lower_bounds_writes_a_ratio_per_column_and_size(tmp_path):
+    out = tmp_path / "bounds.json"
+    common = ["--K", "2,3", "--P", "4096", "--repeats", "2", "--budget", "0.1"]
+    printed = _run("bench_lower_bounds.py", *common, "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["K"], r["P"]) for r in rows] == [(2, 4096), (3, 4096)]
+    bench_lower_bounds = _benchmark_module("bench_lower_bounds")
+    for r in rows:
+        assert set(r["ms"]) == set(bench_lower_bounds.COLUMNS)
+        assert set(r["per_floor"]) == set(bench_lower_bounds.COLUMNS[1:])
+        assert all(v > 0 for v in r["ms"].values()) and r["rounds"] >= 3
+        assert bench_lower_bounds.format_row(r) in printed
+
+
+def test_momentum_floor_updates_the_state_and_takes_the_floor_of_the_new_state():
+    import jax.numpy as jnp
+
+    bench_lower_bounds = _benchmark_module("bench_lower_bounds")
+    J = jnp.arange(12.0).reshape(2, 6) - 5.0
+    S = jnp.ones((2, 6))
+    out, new = bench_lower_bounds.momentum_floor(J, S)
+    expected = 0.9 * S + 0.1 * J
+    assert jnp.allclose(new, expected)
+    assert jnp.allclose(out, bench_lower_bounds.floor_fn(expected))
+
+
 def test_paired_ratio_is_the_median_of_round_ratios_not_the_ratio_of_medians():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_methods
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_methods = _benchmark_module("bench_methods")
     # Round by round the method takes 1.1x the floor, but a slow minute hit the
     # method's bursts in rounds 2-4 and the floor's only in rounds 2-3: the
     # ratio of the medians would say 4.4x.
