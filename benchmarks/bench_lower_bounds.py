@@ -19,13 +19,12 @@ plainly as XLA runs it fastest:
   ``K P`` words each, against ``2 K P`` words for the floor: 2.5x the floor's
   memory traffic (XLA's CPU backend has no multi-output fusion, so the Gramian
   cannot be taken in the pass that writes the state; with it, 2x). M-ConFIG
-  adds its Adam moments (``5 P`` words more); ExcessMTL reads J once more for
-  the combination;
+  adds its Adam moments (``7 P`` words more); ExcessMTL reads J once more for
+  its excess risks;
 * ``uniforms``: the P uniform draws of a GradDrop step (``jax.random``'s
   Threefry bits, as ``mtl_optax.graddrop`` computes them: its ``uniforms``
-  method), written to memory;
-  ``jax.random.uniform``: the same bits by JAX's own kernel. GradDrop makes
-  the same draws and one pass over J, fused;
+  method), written to memory; ``jax.random.uniform``: the same bits by JAX's
+  own kernel. GradDrop makes the same draws and one pass over J, fused;
 * the three methods themselves (their state donated).
 
 Where ``momentum / floor`` is above 1.5, no method that keeps per-task
