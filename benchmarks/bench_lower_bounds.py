@@ -53,7 +53,7 @@ from bench_methods import _time_rounds, floor_fn, paired_ratio, round_medians
 import mtl_optax
 
 BETA = 0.9
-# The methods these bounds are for, with the arguments bench_methods.py uses.
+# The methods these bounds are for (bench_methods.py too gives them num_tasks alone).
 METHODS = ("m_conflict_free", "excess_mtl", "graddrop")
 COLUMNS = ("floor", "momentum", "uniforms", "jax.random.uniform", *METHODS)
 
@@ -77,28 +77,29 @@ def measure(k: int, p: int, repeats: int, budget_s: float) -> dict:
     shape = {"J": jax.ShapeDtypeStruct((k, p), jnp.float32)}
     uniforms = jax.jit(lambda state: graddrop.uniforms(shape, state)["J"])
     jax_uniform = jax.jit(lambda key: jax.random.uniform(key, (p,), jnp.float32))
-    holders = {"momentum": [jnp.zeros((k, p), jnp.float32)]}
-
-    def momentum_call():
-        out, holders["momentum"][0] = momentum(J, holders["momentum"][0])
-        return out
-
-    calls = {
-        "floor": lambda: floor(J),
-        "momentum": momentum_call,
-        "uniforms": lambda: uniforms(graddrop_state),
-        "jax.random.uniform": lambda: jax_uniform(key),
-    }
+    # The stateful columns: a jitted (J, state) -> (out, new state), the state
+    # donated and threaded from call to call.
+    steps = {"momentum": (momentum, jnp.zeros((k, p), jnp.float32))}
     for name in METHODS:
         tx = mtl_optax.get(name, num_tasks=k)
         step = jax.jit(lambda J, s, tx=tx: tx.update({"J": J}, s, value=value), donate_argnums=1)
-        holders[name] = [tx.init({"J": jnp.zeros((p,), jnp.float32)})]
+        steps[name] = (step, tx.init({"J": jnp.zeros((p,), jnp.float32)}))
 
-        def call(step=step, holder=holders[name]):
+    def threaded(step, state):
+        holder = [state]
+
+        def call():
             out, holder[0] = step(J, holder[0])
             return out
 
-        calls[name] = call
+        return call
+
+    calls = {
+        "floor": lambda: floor(J),
+        "uniforms": lambda: uniforms(graddrop_state),
+        "jax.random.uniform": lambda: jax_uniform(key),
+    } | {name: threaded(*step_and_state) for name, step_and_state in steps.items()}
+    calls = {name: calls[name] for name in COLUMNS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rounds = _time_rounds(list(calls.values()), repeats, len(calls) * budget_s)

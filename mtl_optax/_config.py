@@ -651,7 +651,7 @@ def m_conflict_free(
         # and a combination fused into its consumers would be recomputed from
         # the K x P momenta by each.)
         pseudo_mu = engine.combine(mu, jnp.where(ready, coef * bias1_t, 0).astype(dtype))
-        inv_bias1_t = jnp.where(ready, 1 / jnp.where(ready, bias1_t, 1), 0)
+        inv_bias1_t = 1 / jnp.where(ready, bias1_t, 1)  # the update is 0 until ready
 
         def step(pm_new, pm, s, out_dtype):
             pseudo_grad = (pm_new - beta_1 * pm) / (1 - beta_1)
